@@ -1,0 +1,153 @@
+"""NestedUNet: one network that denoises every resolution at once (MDM, Gu et al. 2023, Sec. 3.2).
+
+A NestedUNet with L levels is a light convolutional *shell* UNet at the full resolution R whose
+bottleneck, at R/2, holds a NestedUNet with L - 1 levels; a one-level NestedUNet is a plain UNet.
+The inner network reads its own noisy low-resolution image through its input conv, and the two
+talk through two zero-initialised 3x3 convs:
+
+    outer bottleneck features --to_inner-->  added after the inner input conv
+    inner last features      --from_inner--> added to the outer bottleneck
+
+Since both joins (and every output conv) start at zero, wrapping a trained low-resolution model
+in a new shell leaves its predictions unchanged: progressive training (Sec. 3.4) resumes exactly
+where the smaller model stopped. Attention lives only in the innermost UNet, where pixels are few;
+the high-resolution shells are cheap.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from .unet import UNet, UNetConfig, _as_batch, zero_module
+
+
+@dataclass
+class NestedUNetConfig:
+    """Hyper-parameters of a NestedUNet.
+
+    image_size: side of the largest image; level k (0 = outermost) works at image_size / 2**k.
+    num_levels: 1 (a plain UNet at image_size), 2 (64 with 32 nested), 3 (64, 32, 16), ...
+    inner: the innermost UNet; its `resolution` is set to image_size / 2**(num_levels - 1).
+    shell_channels, shell_num_res_blocks: each shell is a UNet with channel_mult (1, 2), no
+        attention and no middle blocks, so it halves the resolution exactly once.
+    """
+
+    image_size: int = 64
+    num_levels: int = 2
+    inner: UNetConfig = field(default_factory=UNetConfig)
+    shell_channels: int = 32
+    shell_num_res_blocks: int = 1
+
+    def __post_init__(self):
+        if isinstance(self.inner, dict):
+            self.inner = UNetConfig(**self.inner)
+        if self.num_levels < 1:
+            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
+        if self.image_size % 2 ** (self.num_levels - 1):
+            raise ValueError(f"image_size {self.image_size} cannot be halved {self.num_levels - 1} times")
+        self.inner = dataclasses.replace(self.inner, resolution=self.resolutions[-1])
+
+    @property
+    def resolutions(self) -> list[int]:
+        """Image side per level, outermost first: e.g. [64, 32] for two levels."""
+        return [self.image_size >> k for k in range(self.num_levels)]
+
+    def inner_levels(self) -> "NestedUNetConfig":
+        """The config of the NestedUNet nested inside this one's outermost shell."""
+        return dataclasses.replace(self, image_size=self.image_size // 2, num_levels=self.num_levels - 1)
+
+    def shell(self) -> UNetConfig:
+        return UNetConfig(
+            resolution=self.image_size, in_channels=self.inner.in_channels, out_channels=self.inner.out_channels,
+            channels=self.shell_channels, channel_mult=(1, 2), num_res_blocks=self.shell_num_res_blocks,
+            attention_resolutions=(), head_dim=self.inner.head_dim, dropout=self.inner.dropout,
+            text_dim=self.inner.text_dim, emb_dim=self.inner.emb_dim, middle=False,
+        )
+
+
+class NestedUNet(nn.Module):
+    """Denoise a pyramid of noisy images jointly.
+
+    Forward: sample, a list of num_levels tensors (B, 3, R_k, R_k), outermost (largest) first;
+    timestep (B,) in [0, 1], shared by all levels (MDM, Eq. 4); encoder_hidden_states (B, L, D)
+    and encoder_attention_mask (B, L) bool. Returns a list of predictions with the same shapes.
+    """
+
+    def __init__(self, config: NestedUNetConfig):
+        super().__init__()
+        self.config = config
+        if config.num_levels == 1:
+            self.inner = UNet(config.inner)
+            self.shell = None
+            return
+        self.inner = NestedUNet(config.inner_levels())
+        self.shell = UNet(config.shell(), with_conditioning=False)
+        self.to_inner = zero_module(nn.Conv2d(self.shell.bottleneck_channels, self.inner.input_channels, 3, padding=1))
+        self.from_inner = zero_module(nn.Conv2d(self.inner.output_channels, self.shell.bottleneck_channels, 3, padding=1))
+
+    @property
+    def input_channels(self) -> int:
+        """Width of the features right after the input conv of the outermost level."""
+        net = self.shell or self.inner
+        return net.conv_in.out_channels
+
+    @property
+    def output_channels(self) -> int:
+        """Width of the last features of the outermost level (before its output conv)."""
+        return (self.shell or self.inner).out_channels
+
+    @property
+    def innermost(self) -> UNet:
+        return self.inner if self.shell is None else self.inner.innermost
+
+    def condition(self, timestep: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        """The conditioning vector, computed once by the innermost UNet and shared by every level."""
+        return self.innermost.condition(timestep, tokens, mask)
+
+    def body(self, xs: list[Tensor], emb, tokens=None, mask=None, inject=None) -> tuple[list[Tensor], Tensor]:
+        """Returns (predictions outermost first, last features of the outermost level)."""
+        if self.shell is None:
+            out, features = self.inner.body(xs[0], emb, tokens, mask, inject=inject)
+            return [out], features
+        inner_outs: list[Tensor] = []
+
+        def middle(h: Tensor) -> Tensor:
+            outs, inner_features = self.inner.body(xs[1:], emb, tokens, mask, inject=self.to_inner(h))
+            inner_outs.extend(outs)
+            return h + self.from_inner(inner_features)
+
+        out, features = self.shell.body(xs[0], emb, tokens, mask, inject=inject, middle=middle)
+        return [out] + inner_outs, features
+
+    def forward(self, sample: list[Tensor], timestep: Tensor, encoder_hidden_states: Tensor | None = None,
+                encoder_attention_mask: Tensor | None = None) -> list[Tensor]:
+        if len(sample) != self.config.num_levels:
+            raise ValueError(f"expected {self.config.num_levels} images (one per level), got {len(sample)}")
+        timestep = _as_batch(timestep, sample[0].shape[0], sample[0].device)
+        emb = self.condition(timestep, encoder_hidden_states, encoder_attention_mask)
+        return self.body(list(sample), emb, encoder_hidden_states, encoder_attention_mask)[0]
+
+    def level_parameters(self) -> list[int]:
+        """Number of parameters that belong to each level, outermost first (joins count with their shell)."""
+        if self.shell is None:
+            return [sum(p.numel() for p in self.parameters())]
+        inner = self.inner.level_parameters()
+        return [sum(p.numel() for p in self.parameters()) - sum(inner)] + inner
+
+    @classmethod
+    def wrap(cls, inner: "NestedUNet", config: NestedUNetConfig) -> "NestedUNet":
+        """A NestedUNet with one more level around a (trained) `inner` one: progressive training.
+
+        `config` must describe the larger model; its inner levels must match `inner.config`.
+        The new joins and output conv are zero, so the inner levels' predictions are unchanged.
+        """
+        if config.num_levels != inner.config.num_levels + 1 or config.inner_levels() != inner.config:
+            raise ValueError(
+                f"cannot wrap a {inner.config.num_levels}-level model at {inner.config.image_size}px in "
+                f"a {config.num_levels}-level one at {config.image_size}px: their inner configs differ"
+            )
+        model = cls(config)
+        model.inner.load_state_dict(inner.state_dict())
+        return model

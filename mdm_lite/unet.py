@@ -1,0 +1,279 @@
+"""A single-resolution, text-conditioned UNet: the building block that MDM nests.
+
+The layout follows the ADM UNet of Dhariwal & Nichol (2021), used by MDM (Gu et al. 2023, Sec. 3.2):
+residual blocks conditioned on the time embedding through a scale and shift of the normalised
+features, self-attention at low resolutions, and cross-attention to the text tokens (Imagen,
+Saharia et al. 2022). The pooled text is added to the time embedding, as in the MDM reference code.
+
+Calls follow diffusers: ``model(sample, timestep, encoder_hidden_states, encoder_attention_mask)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class UNetConfig:
+    """Hyper-parameters of one UNet.
+
+    resolution: side of the square input image.
+    channels: width at full resolution; level i has channels * channel_mult[i] and works at
+        resolution / 2**i.
+    attention_resolutions: image sides at which blocks get self- and cross-attention.
+    text_dim: width of the text encoder's tokens (0: an unconditional model).
+    emb_dim: width of the time embedding (default 4 * channels).
+    middle: whether the bottleneck has its own blocks; a NestedUNet shell has none, the inner
+        UNet sits there instead.
+    """
+
+    resolution: int = 32
+    in_channels: int = 3
+    out_channels: int = 3
+    channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    head_dim: int = 32
+    dropout: float = 0.0
+    text_dim: int = 384
+    emb_dim: int | None = None
+    middle: bool = True
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if self.emb_dim is None:
+            self.emb_dim = 4 * self.channels
+        if self.resolution % 2 ** (len(self.channel_mult) - 1):
+            raise ValueError(
+                f"resolution {self.resolution} cannot be halved {len(self.channel_mult) - 1} times: "
+                "use fewer channel_mult entries"
+            )
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding of continuous times (Vaswani et al. 2017; DDPM Sec. 4).
+
+    t: (B,) in [0, 1], scaled by 1000 so the frequencies match a 1000-step discrete model.
+    Returns (B, dim).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the real tokens only. tokens: (B, L, D); mask: (B, L) bool. Returns (B, D)."""
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero a layer's parameters so that a residual branch starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups that divide the channel count."""
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class Conditioning(nn.Module):
+    """The vector every residual block is conditioned on: time embedding + projected pooled text.
+
+    MDM (reference code) adds a linear map of the masked mean of the text tokens to the time
+    embedding; the tokens themselves go to cross-attention untouched.
+    """
+
+    def __init__(self, channels: int, emb_dim: int, text_dim: int):
+        super().__init__()
+        self.channels = channels
+        self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.text_proj = nn.Linear(text_dim, emb_dim) if text_dim else None
+
+    def forward(self, timestep: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        """timestep: (B,) in [0, 1]; tokens: (B, L, text_dim) or None; mask: (B, L) bool. Returns (B, emb_dim)."""
+        emb = self.time_mlp(timestep_embedding(timestep, self.channels))
+        if self.text_proj is not None and tokens is not None:
+            emb = emb + self.text_proj(masked_mean(tokens, mask))
+        return emb
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the embedding as a scale and shift after the second norm (ADM)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = norm(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = norm(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the pixels, then cross-attention from the pixels to the text tokens.
+
+    Padding tokens are masked out of the cross-attention: a short caption padded to the batch's
+    longest must mean the same as the caption alone.
+    """
+
+    def __init__(self, channels: int, head_dim: int, text_dim: int):
+        super().__init__()
+        self.heads = max(1, channels // head_dim)
+        self.norm = norm(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.out = zero_module(nn.Conv1d(channels, channels, 1))
+        if text_dim:
+            self.cross_norm = norm(channels)
+            self.cross_q = nn.Conv1d(channels, channels, 1)
+            self.cross_kv = nn.Linear(text_dim, 2 * channels)
+            self.cross_out = zero_module(nn.Conv1d(channels, channels, 1))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(B, C, N) -> (B, heads, N, C / heads)"""
+        b, c, n = x.shape
+        return x.reshape(b, self.heads, c // self.heads, n).transpose(2, 3)
+
+    def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        b, c, h, w = x.shape
+        flat = x.reshape(b, c, h * w)
+        q, k, v = self.qkv(self.norm(x).reshape(b, c, h * w)).chunk(3, dim=1)
+        a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+        flat = flat + self.out(a.transpose(2, 3).reshape(b, c, h * w))
+        if tokens is not None and hasattr(self, "cross_q"):
+            q = self._heads(self.cross_q(self.cross_norm(flat.reshape(b, c, h, w)).reshape(b, c, h * w)))
+            k, v = self.cross_kv(tokens).transpose(1, 2).chunk(2, dim=1)
+            attn_mask = None if mask is None else mask[:, None, None, :]
+            a = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v), attn_mask=attn_mask)
+            flat = flat + self.cross_out(a.transpose(2, 3).reshape(b, c, h * w))
+        return flat.reshape(b, c, h, w)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Module):
+    """A residual block, optionally followed by self- and cross-attention."""
+
+    def __init__(self, in_ch: int, out_ch: int, cfg: UNetConfig, resolution: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, cfg.emb_dim, cfg.dropout)
+        use_attn = resolution in cfg.attention_resolutions
+        self.attn = AttentionBlock(out_ch, cfg.head_dim, cfg.text_dim) if use_attn else None
+
+    def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        x = self.res(x, emb)
+        return x if self.attn is None else self.attn(x, tokens, mask)
+
+
+class UNet(nn.Module):
+    """A text-conditioned UNet at one resolution.
+
+    Forward: sample (B, in_channels, R, R) noisy image, timestep (B,) in [0, 1] (or a scalar),
+    encoder_hidden_states (B, L, text_dim) text tokens or None, encoder_attention_mask (B, L) bool
+    -> (B, out_channels, R, R), the prediction (v or eps, see `mdm_lite.diffusion`).
+
+    `body` is the same computation given a ready conditioning vector; NestedUNet uses it to add
+    outer features after the input conv (`inject`) and to replace the bottleneck (`middle`).
+    """
+
+    def __init__(self, config: UNetConfig, with_conditioning: bool = True):
+        super().__init__()
+        self.config = cfg = config
+        chans = [cfg.channels * m for m in cfg.channel_mult]
+        self.conditioning = Conditioning(cfg.channels, cfg.emb_dim, cfg.text_dim) if with_conditioning else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+
+        self.down = nn.ModuleList()
+        skip_chans, ch, res = [chans[0]], chans[0], cfg.resolution
+        for level, out_ch in enumerate(chans):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(Stage(ch, out_ch, cfg, res))
+                ch = out_ch
+                skip_chans.append(ch)
+            if level < len(chans) - 1:
+                self.down.append(Downsample(ch))
+                skip_chans.append(ch)
+                res //= 2
+        self.bottleneck_channels = ch
+        self.mid = nn.ModuleList([Stage(ch, ch, cfg, res), ResBlock(ch, ch, cfg.emb_dim, cfg.dropout)]) if cfg.middle else None
+
+        self.up = nn.ModuleList()
+        for level, out_ch in reversed(list(enumerate(chans))):
+            for i in range(cfg.num_res_blocks + 1):
+                self.up.append(Stage(ch + skip_chans.pop(), out_ch, cfg, res))
+                ch = out_ch
+            if level > 0:
+                self.up.append(Upsample(ch))
+                res *= 2
+        self.out_channels = ch
+        self.norm_out = norm(ch)
+        self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    def condition(self, timestep: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        return self.conditioning(timestep, tokens, mask)
+
+    def body(self, x, emb, tokens=None, mask=None, inject=None, middle=None) -> tuple[Tensor, Tensor]:
+        """Returns (prediction (B, out_channels, R, R), last features (B, channels, R, R))."""
+        h = self.conv_in(x)
+        if inject is not None:
+            h = h + inject
+        skips = [h]
+        for layer in self.down:
+            h = layer(h, emb, tokens, mask) if isinstance(layer, Stage) else layer(h)
+            skips.append(h)
+        if self.mid is not None:
+            h = self.mid[1](self.mid[0](h, emb, tokens, mask), emb)
+        if middle is not None:
+            h = middle(h)
+        for layer in self.up:
+            if isinstance(layer, Stage):
+                h = layer(torch.cat([h, skips.pop()], dim=1), emb, tokens, mask)
+            else:
+                h = layer(h)
+        return self.conv_out(F.silu(self.norm_out(h))), h
+
+    def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor | None = None,
+                encoder_attention_mask: Tensor | None = None) -> Tensor:
+        timestep = _as_batch(timestep, sample.shape[0], sample.device)
+        emb = self.condition(timestep, encoder_hidden_states, encoder_attention_mask)
+        return self.body(sample, emb, encoder_hidden_states, encoder_attention_mask)[0]
+
+
+def _as_batch(timestep: Tensor | float, batch: int, device) -> Tensor:
+    """Accept a Python number, a 0-d tensor or a (B,) tensor of times in [0, 1]; return (B,)."""
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=device)
+    return t.expand(batch) if t.ndim == 0 else t
