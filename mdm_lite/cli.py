@@ -1,0 +1,233 @@
+"""The `mdm-lite` command line: a thin layer over TrainConfig, train, MDMPipeline and the metrics.
+
+    mdm-lite train                                   # the CPU preset on Shapes, a few minutes
+    mdm-lite train --preset colab --dataset flickr30k --output_dir runs/flickr
+    mdm-lite sample --checkpoint output/checkpoint_latest --prompts "a red circle" "a blue star"
+    mdm-lite prefetch --dataset flickr30k
+    mdm-lite eval --checkpoint output --num_samples 256
+
+Bad input ends with one line on stderr that says what to do, and exit status 2 (1 when training
+diverged); nothing already saved is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .data import DatasetError
+from .text import TextEncoderError
+
+# Options of TrainConfig that the command line sets directly, with their types.
+TRAIN_OPTIONS = {
+    "batch_size": int, "epochs": int, "max_steps": int, "lr": float, "weight_decay": float, "warmup_steps": int,
+    "gradient_clip_norm": float, "num_gradient_accumulations": int, "ema_decay": float, "precision": str,
+    "log_freq": int, "save_freq": int, "num_sample_steps": int, "guidance_scale": float, "output_dir": str,
+    "device": str, "seed": int, "num_workers": int, "init_from": str, "dataset": str, "max_samples": int,
+    "text_encoder": str, "keep_checkpoints": int,
+}
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def build_train_config(args: argparse.Namespace):
+    """The TrainConfig that `mdm-lite train` runs: a preset (or --config file), then the flags given."""
+    from .train import PRESETS, ConfigError, TrainConfig
+
+    if args.config:
+        try:
+            config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ConfigError(f"cannot read --config {args.config} ({error}); pass a JSON file such as a "
+                              "checkpoint's config.json") from error
+    elif args.preset in PRESETS:
+        config = PRESETS[args.preset]()
+    else:
+        raise ConfigError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
+    given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
+    if "epochs" in given and "max_steps" not in given:
+        given["max_steps"] = None  # --epochs alone: train for that many epochs, as the original CLI did
+    config = dataclasses.replace(config, **given)
+    model = {k: getattr(args, k) for k in ("image_size", "num_levels") if getattr(args, k) is not None}
+    if model:
+        try:
+            config.model = dataclasses.replace(config.model, **model)
+        except ValueError as error:
+            raise ConfigError(f"{error}; choose an --image_size divisible by 2**(num_levels - 1)") from error
+    if args.dataset_option:
+        options = dict(config.dataset_options)
+        for item in args.dataset_option:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--dataset_option {item!r} is not key=value, e.g. caption_column=text")
+            options[key] = _option_value(value)
+        config.dataset_options = options
+    if args.sample_prompts:
+        config.sample_prompts = args.sample_prompts
+    return config
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    config = build_train_config(args)
+    start = time.perf_counter()
+    result = train(config, progress=not args.no_progress, resume=args.resume)
+    if result.checkpoint is not None:
+        grids = sorted(Path(config.output_dir).glob("samples_*.png"))
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        print(f"trained {result.history[-1]['step'] if result.history else 0} steps in "
+              f"{time.perf_counter() - start:.0f} s, final loss {last:.4f}\n"
+              f"checkpoint: {result.checkpoint}\nsamples:    {grids[-1] if grids else '-'}\n"
+              f"loss curve: {Path(config.output_dir) / 'loss.png'}\n"
+              f"next: mdm-lite sample --checkpoint {Path(config.output_dir) / 'checkpoint_latest'} "
+              f"--prompts \"a large red circle in the center\"")
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        try:
+            prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        except OSError as error:
+            raise ValueError(f"cannot read --prompts_file {args.prompts_file} ({error.strerror})") from error
+    if not prompts:
+        raise ValueError("no prompts: pass --prompts \"a red circle\" ... or --prompts_file with one per line")
+    return prompts
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .sample import MDMPipeline, save_grid, side_by_side, to_pil
+
+    prompts = _read_prompts(args)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output_dir {output_dir} is a file; pass a directory path")
+    pipe = MDMPipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    out = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+               sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_per_prompt, seed=args.seed,
+               output_type="pt")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    images = side_by_side(out.levels) if args.save_levels else out.images
+    for i, image in enumerate(to_pil(images)):
+        image.save(output_dir / f"sample_{i:04d}.png")
+    grid = save_grid(images, output_dir / "grid.png", nrow=args.num_per_prompt if args.num_per_prompt > 1 else 8)
+    expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
+    (output_dir / "prompts.json").write_text(json.dumps(
+        [{"file": f"sample_{i:04d}.png", "prompt": p} for i, p in enumerate(expanded)], indent=2))
+    print(f"wrote {len(expanded)} samples and {grid}")
+    return 0
+
+
+def _prefetch(args: argparse.Namespace) -> int:
+    from .data import prefetch
+
+    options = {}
+    for item in args.dataset_option or []:
+        key, _, value = item.partition("=")
+        options[key] = _option_value(value)
+    n = prefetch(args.dataset, args.split, **options)
+    print(f"{args.dataset} ({args.split}): {n} samples ready in the cache")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .metrics import evaluate_checkpoint
+
+    table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
+                                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                sampler=args.sampler, seed=args.seed, device=args.device, use_ema=not args.no_ema)
+    width = max(len(k) for k in table)
+    for key, value in table.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    output = Path(args.output) if args.output else Path(table["checkpoint"]) / "eval.json"
+    output.write_text(json.dumps(table, indent=2))
+    print(f"wrote {output}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdm-lite", description="Matryoshka Diffusion Models, small enough to read.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a NestedUNet (defaults: the CPU preset on Shapes)")
+    t.add_argument("--preset", default="cpu", help="cpu (default), colab or paper")
+    t.add_argument("--config", help="a TrainConfig as JSON (e.g. a checkpoint's config.json) instead of a preset")
+    t.add_argument("--resume", action="store_true", help="continue the run in --output_dir from checkpoint_latest")
+    t.add_argument("--image_size", type=int, help="side of the largest level (64)")
+    t.add_argument("--num_levels", type=int, help="nesting levels: 1 plain UNet, 2 (64, 32), 3 (64, 32, 16)")
+    t.add_argument("--dataset_option", action="append", metavar="KEY=VALUE",
+                   help="passed to the dataset loader: path=..., image_column=..., caption_column=..., hub_name=...")
+    t.add_argument("--sample_prompts", nargs="+", help="prompts of the sample grid written at each save")
+    t.add_argument("--no_progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    for name, kind in TRAIN_OPTIONS.items():
+        t.add_argument(f"--{name}", type=kind, help=f"TrainConfig.{name}")
+    t.set_defaults(run=_train)
+
+    s = sub.add_parser("sample", help="generate images from prompts with a trained checkpoint")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir or checkpoint_latest")
+    s.add_argument("--prompts", nargs="+")
+    s.add_argument("--prompts_file", help="a text file with one prompt per line")
+    s.add_argument("--output_dir", default="generated")
+    s.add_argument("--num_inference_steps", type=int, default=50)
+    s.add_argument("--guidance_scale", type=float, default=3.0)
+    s.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
+    s.add_argument("--num_per_prompt", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
+    s.add_argument("--save_levels", action="store_true", help="save every nesting level side by side")
+    s.set_defaults(run=_sample)
+
+    f = sub.add_parser("prefetch", help="download a dataset into the cache before training")
+    f.add_argument("--dataset", required=True, help="flickr30k, tiny-imagenet, or a Hub name")
+    f.add_argument("--split", default="train")
+    f.add_argument("--dataset_option", action="append", metavar="KEY=VALUE")
+    f.set_defaults(run=_prefetch)
+
+    e = sub.add_parser("eval", help="prompt accuracy and Frechet distance of a Shapes checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--num_samples", type=int, default=256)
+    e.add_argument("--num_inference_steps", type=int, default=50)
+    e.add_argument("--guidance_scale", type=float, default=3.0)
+    e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no_ema", action="store_true")
+    e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
+    e.set_defaults(run=_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .train import TrainingDiverged
+
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except TrainingDiverged as error:
+        print(f"mdm-lite: {error}", file=sys.stderr)
+        return 1
+    except (CheckpointError, DatasetError, TextEncoderError, ValueError, FileNotFoundError) as error:
+        print(f"mdm-lite: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mdm-lite: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
