@@ -1,0 +1,88 @@
+"""The book: every chapter follows the chapter conventions, and the book builds with no warning.
+
+The build renders the committed notebook outputs (`execute_notebooks: "off"` in _config.yml),
+so it needs no network and no training; it writes into a temporary folder, not into _build/.
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOK = ROOT / "book"
+COLAB = "https://colab.research.google.com/github/mdm-lite/mdm-lite/blob/main/book/{}"
+MAX_NOTEBOOK_BYTES = 1_000_000
+
+
+def _toc_files(entry) -> list[str]:
+    """Every `file:` (and the `root:`) of a _toc.yml, in reading order, parts and sections included."""
+    if isinstance(entry, list):
+        return [f for item in entry for f in _toc_files(item)]
+    if not isinstance(entry, dict):
+        return []
+    own = [entry[key] for key in ("root", "file") if key in entry]
+    return own + [f for key in ("parts", "chapters", "sections") for f in _toc_files(entry.get(key, []))]
+
+
+TOC = _toc_files(yaml.safe_load((ROOT / "_toc.yml").read_text()))
+NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
+
+
+def _source(path: Path) -> Path | None:
+    """The file a toc entry (written without suffix) names, or None."""
+    found = [path.with_suffix(s) for s in (".ipynb", ".md", ".rst") if path.with_suffix(s).is_file()]
+    return found[0] if found else None
+
+
+def test_every_toc_entry_names_an_existing_page():
+    missing = [entry for entry in TOC if _source(ROOT / entry) is None]
+    assert not missing, f"_toc.yml lists pages that do not exist: {missing}"
+
+
+def test_every_page_under_book_is_in_the_toc():
+    pages = {p.relative_to(ROOT).with_suffix("").as_posix() for p in BOOK.iterdir() if p.suffix in (".ipynb", ".md", ".rst")}
+    assert pages - set(TOC) == set(), "pages the book would silently leave out; add them to _toc.yml"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_chapter_follows_the_conventions(path: Path):
+    """Colab badge to itself, a no-op install cell, quick mode read first, outputs of one full run."""
+    assert path.stat().st_size < MAX_NOTEBOOK_BYTES, f"{path.name} is {path.stat().st_size} bytes"
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    cells = nb["cells"]
+    assert cells[0]["cell_type"] == "markdown"
+    assert COLAB.format(path.name) in "".join(cells[0]["source"]), "first cell needs the Colab badge for this file"
+    code = [c for c in cells if c["cell_type"] == "code"]
+    install, setup = ("".join(c["source"]) for c in code[:2])
+    assert "import mdm_lite" in install and "except ImportError" in install and "%pip install" in install
+    assert 'os.environ.get("MDM_QUICK", "0") == "1"' in setup
+    counts = [c["execution_count"] for c in code]
+    assert counts == list(range(1, len(code) + 1)), f"outputs must come from one top-to-bottom run, got {counts}"
+    setup_text = "".join("".join(o.get("text", "")) for o in code[1]["outputs"])
+    assert "quick mode: False" in setup_text, "commit the outputs of a full run (MDM_QUICK unset)"
+    errors = [o["ename"] for c in code for o in c["outputs"] if o["output_type"] == "error"]
+    assert not errors, f"{path.name} was committed with errors: {errors}"
+
+
+def _jupyter_book() -> str:
+    return str(Path(sys.executable).with_name("jupyter-book"))
+
+
+@pytest.mark.book
+def test_book_builds_without_warnings(tmp_path: Path):
+    result = subprocess.run(
+        [_jupyter_book(), "build", str(ROOT), "--path-output", str(tmp_path), "--warningiserror", "--keep-going"],
+        capture_output=True, text=True, timeout=300,
+    )
+    log = result.stdout + result.stderr
+    warnings = [line for line in log.splitlines() if re.search(r"WARNING|ERROR", line)]
+    assert result.returncode == 0 and not warnings, "\n".join(warnings) or log[-3000:]
+    html = tmp_path / "_build" / "html"
+    missing = [entry for entry in TOC if not (html / f"{entry}.html").is_file()]
+    assert not missing, f"no HTML for {missing}"
