@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "checkpoint_latest"
-FILES = ("model.safetensors", "ema.safetensors", "config.json", "state.json")
+FILES = ("ema.safetensors", "config.json", "state.json")  # model.safetensors is optional: see `export`
 
 
 class CheckpointError(RuntimeError):
@@ -40,7 +40,7 @@ class Checkpoint:
     path: Path
     config: dict
     state: dict
-    model: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None  # None in an exported checkpoint
     ema: dict[str, torch.Tensor]
 
     def optimizer_state(self) -> dict:
@@ -171,5 +171,25 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path} has a corrupt config.json or state.json ({error}); pass another "
                               "checkpoint_NNNNNN directory") from error
-    return Checkpoint(path, config, state, _load_tensors(path / "model.safetensors"),
+    model = path / "model.safetensors"
+    return Checkpoint(path, config, state, _load_tensors(model) if model.exists() else None,
                       _load_tensors(path / "ema.safetensors"))
+
+
+def export(checkpoint: str | Path, destination: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A small checkpoint for sampling only: the EMA weights cast to `dtype`, config.json and
+    state.json; no raw weights, optimizer or RNG state, so it cannot be resumed. The shipped
+    Shapes checkpoint is one (half the size of the fp32 EMA, a quarter of a full checkpoint)."""
+    ckpt = load_checkpoint(checkpoint)
+    destination = Path(destination)
+    tmp = destination.with_name(f".tmp_{destination.name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _save_tensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt.ema.items()},
+                  tmp / "ema.safetensors")
+    _write_json(tmp / "config.json", ckpt.config)
+    _write_json(tmp / "state.json", {k: v for k, v in ckpt.state.items() if k != "optimizer_param_groups"})
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(tmp, destination)
+    return destination

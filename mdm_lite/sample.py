@@ -65,6 +65,8 @@ class MDMPipeline:
         ckpt = load_checkpoint(checkpoint)
         config = TrainConfig.from_dict(ckpt.config)
         model = NestedUNet(config.model)
+        if not use_ema and ckpt.model is None:
+            raise CheckpointError(f"{ckpt.path} is an exported checkpoint with EMA weights only; drop --no_ema")
         try:
             model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
         except RuntimeError as error:

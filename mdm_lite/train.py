@@ -330,6 +330,9 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         if NestedUNetConfig(**ckpt.config["model"]) != config.model:
             raise CheckpointError(f"{ckpt.path} was trained with a different model config; resume with the same "
                                   "--preset/--num_levels/--image_size/--config, or choose a new --output_dir")
+        if ckpt.model is None:
+            raise CheckpointError(f"{ckpt.path} is an exported checkpoint (EMA weights only) and cannot be resumed; "
+                                  "start a new run from it with --init_from")
         model.load_state_dict(ckpt.model)
         ema.load_state_dict(ckpt.ema)
         optimizer.load_state_dict(ckpt.optimizer_state())
