@@ -28,6 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "checkpoint_latest"
+# Checkpoints shipped inside the package, by name: `MDMPipeline.from_pretrained("shapes")`.
+PRETRAINED = {"shapes": Path(__file__).parent / "assets" / "shapes_cpu"}
 FILES = ("ema.safetensors", "config.json", "state.json")  # model.safetensors is optional: see `export`
 
 
@@ -141,7 +143,10 @@ def _point_latest(output_dir: Path, name: str) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that `path` means: a checkpoint directory itself, an output_dir
-    (its latest checkpoint), or a checkpoint_latest pointer."""
+    (its latest checkpoint), a checkpoint_latest pointer, or the name of a shipped checkpoint
+    (see PRETRAINED)."""
+    if str(path) in PRETRAINED and not Path(path).exists():
+        path = PRETRAINED[str(path)]
     path = Path(path)
     if path.is_dir() and (path / LATEST).exists() or (path / LATEST).is_symlink():
         path = path / LATEST
