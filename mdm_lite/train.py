@@ -375,8 +375,11 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     while step < total_steps:
         sampler.set_epoch(epoch)
         batches = list(BatchSampler(sampler, config.batch_size, drop_last=True))[: steps_per_epoch * accum]
+        # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
+        # which would shift the dropout of a run resumed mid-epoch.
         loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
-                                 num_workers=config.num_workers))
+                                 num_workers=config.num_workers,
+                                 generator=torch.Generator().manual_seed(config.seed + epoch)))
         while batch_in_epoch < len(batches) and step < total_steps:
             generator = step_generator(config.seed, rank, step)
             for group in optimizer.param_groups:
