@@ -120,7 +120,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model: dict, ema: dict, o
     os.replace(tmp, final)
     _point_latest(output_dir, final.name)
     _fsync_dir(output_dir)
-    for old in sorted(output_dir.glob("checkpoint_[0-9]*"))[:-keep] if keep > 0 else []:
+    # Oldest first by step number, not by name: "checkpoint_1000000" < "checkpoint_999999" as text.
+    saved = sorted((p for p in output_dir.glob("checkpoint_[0-9]*") if p.name[len("checkpoint_"):].isdigit()),
+                   key=lambda p: int(p.name[len("checkpoint_"):]))
+    for old in saved[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
