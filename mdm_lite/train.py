@@ -60,7 +60,8 @@ class TrainConfig:
     that learns Shapes on a 2-core laptop CPU in minutes. batch_size is per process and per
     micro-batch: an optimizer step sees batch_size * num_gradient_accumulations * world_size
     images. Training stops after max_steps optimizer steps, or `epochs` passes over the data,
-    whichever comes first (max_steps None: epochs only).
+    whichever comes first (max_steps None: epochs only), or once max_time_s seconds of training
+    (summed over resumes; sampling and saving excluded) have passed.
     precision: "fp32", "bf16" (autocast) or "auto" (bf16 on a GPU that supports it, else fp32:
         on the 2-core CPU we measured, bf16 convolutions ran 100x slower than fp32).
     """
@@ -76,6 +77,7 @@ class TrainConfig:
     batch_size: int = 16
     epochs: int = 100
     max_steps: int | None = 300
+    max_time_s: float | None = None
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -109,6 +111,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ConfigError(f"--max_steps must be positive, got {self.max_steps}")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise ConfigError(f"--max_time_s must be positive, got {self.max_time_s}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.warmup_steps < 0 or self.gradient_clip_norm < 0:
@@ -324,7 +328,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                   weight_decay=config.weight_decay)
-    step, epoch, batch_in_epoch, history = 0, 0, 0, []
+    step, epoch, batch_in_epoch, history, train_time = 0, 0, 0, [], 0.0
     if resume:
         ckpt = load_checkpoint(latest)
         if NestedUNetConfig(**ckpt.config["model"]) != config.model:
@@ -340,6 +344,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         step, epoch, batch_in_epoch = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batch_in_epoch"]
+        train_time = ckpt.state.get("train_time_s", 0.0)
         history = _read_history(output_dir / "metrics.jsonl", step, rewrite=rank == 0)
 
     dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
@@ -372,7 +377,8 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and writer), dynamic_ncols=True)
     window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
     checkpoint = None
-    while step < total_steps:
+    out_of_time = False
+    while step < total_steps and not out_of_time:
         sampler.set_epoch(epoch)
         batches = list(BatchSampler(sampler, config.batch_size, drop_last=True))[: steps_per_epoch * accum]
         # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
@@ -380,7 +386,8 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
                                  num_workers=config.num_workers,
                                  generator=torch.Generator().manual_seed(config.seed + epoch)))
-        while batch_in_epoch < len(batches) and step < total_steps:
+        while batch_in_epoch < len(batches) and step < total_steps and not out_of_time:
+            step_start = time.perf_counter()
             generator = step_generator(config.seed, rank, step)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
@@ -414,26 +421,34 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
             optimizer.zero_grad(set_to_none=True)
             update_ema(ema, model, config.ema_decay, step)
             step += 1
+            train_time += time.perf_counter() - step_start
+            if config.max_time_s is not None:  # every rank stops at the same step: rank 0 decides
+                flag = torch.tensor([float(train_time >= config.max_time_s)], device=device)
+                if world > 1:
+                    dist.broadcast(flag, 0)
+                out_of_time = bool(flag.item())
+            last = step == total_steps or out_of_time
             window["loss"].append(float(total))
             window["levels"].append(per_level)
             window["images"] += x0.shape[0] * accum * world
             rate = window["images"] / (time.perf_counter() - window["start"])
             bar.update(1)
             bar.set_postfix(loss=f"{float(total):.4f}", img_s=f"{rate:.1f}")
-            if step % config.log_freq == 0 or step == total_steps:
+            if step % config.log_freq == 0 or last:
                 record = {"step": step, "epoch": epoch, "loss": float(np.mean(window["loss"])),
                           **{f"loss_{r}": float(v) for r, v in
                              zip(config.model.resolutions, torch.stack(window["levels"]).mean(0))},
-                          "lr": learning_rate(config, step - 1), "images_per_s": rate}
+                          "lr": learning_rate(config, step - 1), "images_per_s": rate, "train_time_s": train_time}
                 history.append(record)
                 if writer:
                     with open(output_dir / "metrics.jsonl", "a") as f:
                         f.write(json.dumps(record) + "\n")
                 window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
-            if step % config.save_freq == 0 or step == total_steps:
+            if step % config.save_freq == 0 or last:
                 done_epoch = batch_in_epoch >= len(batches)
                 state = {"epoch": epoch + done_epoch, "batch_in_epoch": 0 if done_epoch else batch_in_epoch,
-                         "total_steps": total_steps, "loss": history[-1]["loss"] if history else None}
+                         "total_steps": total_steps, "train_time_s": train_time,
+                         "loss": history[-1]["loss"] if history else None}
                 if writer:
                     checkpoint = save_checkpoint(output_dir, step, model.state_dict(), ema.state_dict(),
                                                  optimizer.state_dict(), config.to_dict(), state,
