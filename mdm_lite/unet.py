@@ -68,8 +68,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the real tokens only. tokens: (B, L, D); mask: (B, L) bool. Returns (B, D)."""
+def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the real tokens only.
+
+    tokens: (B, L, D); mask: (B, L) bool, or None when every token is real. Returns (B, D).
+    """
+    if mask is None:
+        return tokens.mean(1)
     weights = mask.to(tokens.dtype).unsqueeze(-1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
