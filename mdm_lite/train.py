@@ -100,10 +100,13 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self):
-        if isinstance(self.model, dict):
-            self.model = NestedUNetConfig(**self.model)
-        if isinstance(self.diffusion, dict):
-            self.diffusion = DiffusionConfig(**self.diffusion)
+        try:
+            if isinstance(self.model, dict):
+                self.model = NestedUNetConfig(**self.model)
+            if isinstance(self.diffusion, dict):
+                self.diffusion = DiffusionConfig(**self.diffusion)
+        except TypeError as error:  # an unknown field in a config file's "model" or "diffusion"
+            raise ConfigError(f"{error}; fix the model or diffusion section of the config") from error
 
     def validate(self) -> None:
         """Raise ConfigError, with the fix in its message, for options that cannot work."""
