@@ -343,7 +343,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
                                   weight_decay=config.weight_decay)
-    step, epoch, batch_in_epoch, history, train_time = 0, 0, 0, [], 0.0
+    step, epoch, batch_in_epoch, train_time = 0, 0, 0, 0.0
     if resume:
         ckpt = load_checkpoint(latest)
         if NestedUNetConfig(**ckpt.config["model"]) != config.model:
@@ -360,7 +360,6 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
             torch.set_rng_state(rng["torch"])
         step, epoch, batch_in_epoch = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batch_in_epoch"]
         train_time = ckpt.state.get("train_time_s", 0.0)
-        history = _read_history(output_dir / "metrics.jsonl", step, rewrite=rank == 0)
 
     dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
                            max_samples=config.max_samples, **config.dataset_options)
@@ -383,6 +382,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     levels = config.model.num_levels
     prompts = _sample_prompts(config, dataset)
     writer = rank == 0
+    history = _read_history(output_dir / "metrics.jsonl", step, rewrite=writer)
     if writer:
         output_dir.mkdir(parents=True, exist_ok=True)
         print(f"mdm-lite train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -479,14 +479,17 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
 
 
 def _read_history(path: Path, step: int, rewrite: bool) -> list[dict]:
-    """metrics.jsonl records up to `step`: a killed run may have logged past its last checkpoint,
-    and those records are dropped (from the file too, if `rewrite`) as the resumed run logs them again."""
+    """metrics.jsonl records up to `step` (0 for a new run): a killed run may have logged past its
+    last checkpoint, or have saved none, and those records are dropped (from the file too, if
+    `rewrite`, replaced atomically for the other ranks reading it) as this run logs them again."""
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     kept = [r for r in records if r["step"] <= step]
     if rewrite and len(kept) != len(records):
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
     return kept
 
 
