@@ -1,5 +1,7 @@
 """Checkpoints: one directory per save, safetensors for tensors and JSON for the rest.
 
+::
+
     output_dir/
       checkpoint_000400/
         model.safetensors      the trained weights

@@ -30,14 +30,15 @@ from .schedule import add_noise, alpha_sigma, discrete_timesteps, eps_from_x0, p
 class DiffusionConfig:
     """How a model is trained and sampled, saved beside its weights.
 
-    prediction: "v" or "eps", what the network outputs (see the module docstring).
-    base_resolution: the resolution that sees the plain cosine schedule; level r is shifted by
-        2 log(base / r). 32 follows the paper: the low-resolution net keeps the schedule made for
-        small images and the 64x64 level is made noisier. A single-level 64x64 baseline uses the
-        same value so that both models see the same 64x64 schedule.
-    loss_weights: per level, outermost first; None weighs every level 1 (the paper's default).
-    cond_drop_prob: probability of training a caption as the empty prompt, for classifier-free
-        guidance (Ho & Salimans 2022). The MDM reference code has none; we add it.
+    Attributes:
+        prediction: "v" or "eps", what the network outputs (see the module docstring).
+        base_resolution: the resolution that sees the plain cosine schedule; level r is shifted by
+            2 log(base / r). 32 follows the paper: the low-resolution net keeps the schedule made for
+            small images and the 64x64 level is made noisier. A single-level 64x64 baseline uses the
+            same value so that both models see the same 64x64 schedule.
+        loss_weights: per level, outermost first; None weighs every level 1 (the paper's default).
+        cond_drop_prob: probability of training a caption as the empty prompt, for classifier-free
+            guidance (Ho & Salimans 2022). The MDM reference code has none; we add it.
     """
 
     prediction: str = "v"

@@ -27,11 +27,12 @@ from .unet import UNet, UNetConfig, _as_batch, zero_module
 class NestedUNetConfig:
     """Hyper-parameters of a NestedUNet.
 
-    image_size: side of the largest image; level k (0 = outermost) works at image_size / 2**k.
-    num_levels: 1 (a plain UNet at image_size), 2 (64 with 32 nested), 3 (64, 32, 16), ...
-    inner: the innermost UNet; its `resolution` is set to image_size / 2**(num_levels - 1).
-    shell_channels, shell_num_res_blocks: each shell is a UNet with channel_mult (1, 2), no
-        attention and no middle blocks, so it halves the resolution exactly once.
+    Attributes:
+        image_size: side of the largest image; level k (0 = outermost) works at image_size / 2**k.
+        num_levels: 1 (a plain UNet at image_size), 2 (64 with 32 nested), 3 (64, 32, 16), ...
+        inner: the innermost UNet; its `resolution` is set to image_size / 2**(num_levels - 1).
+        shell_channels, shell_num_res_blocks: each shell is a UNet with channel_mult (1, 2), no
+            attention and no middle blocks, so it halves the resolution exactly once.
     """
 
     image_size: int = 64

@@ -68,10 +68,11 @@ class TextEmbedding:
 class TextEncoder:
     """A frozen `transformers` encoder with an LRU cache of per-caption embeddings.
 
-    name_or_path: a Hub name or local folder; None for the bundled all-MiniLM-L6-v2.
-    max_length: captions are truncated to this many tokens (special tokens included).
-    cache_size: how many captions to remember; each costs about L * D * 4 bytes
-        (25 KB for a 16-token caption at D = 384). 0 disables the cache.
+    Args:
+        name_or_path: a Hub name or local folder; None for the bundled all-MiniLM-L6-v2.
+        max_length: captions are truncated to this many tokens (special tokens included).
+        cache_size: how many captions to remember; each costs about L * D * 4 bytes
+            (25 KB for a 16-token caption at D = 384). 0 disables the cache.
 
     ``encoder(["a red circle", ...])`` returns a `TextEmbedding`. Not an nn.Module on
     purpose: its frozen weights stay out of the state dict of any model that holds it.

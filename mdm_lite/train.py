@@ -64,8 +64,10 @@ class TrainConfig:
     images. Training stops after max_steps optimizer steps, or `epochs` passes over the data,
     whichever comes first (max_steps None: epochs only), or once max_time_s seconds of training
     (summed over resumes; sampling and saving excluded) have passed.
-    precision: "fp32", "bf16" (autocast) or "auto" (bf16 on a GPU that supports it, else fp32:
-        on the 2-core CPU we measured, bf16 convolutions ran 100x slower than fp32).
+
+    Attributes:
+        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on a GPU that supports it, else fp32:
+            on the 2-core CPU we measured, bf16 convolutions ran 100x slower than fp32).
     """
 
     model: NestedUNetConfig = field(default_factory=lambda: NestedUNetConfig(

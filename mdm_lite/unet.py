@@ -21,14 +21,15 @@ from torch import Tensor, nn
 class UNetConfig:
     """Hyper-parameters of one UNet.
 
-    resolution: side of the square input image.
-    channels: width at full resolution; level i has channels * channel_mult[i] and works at
-        resolution / 2**i.
-    attention_resolutions: image sides at which blocks get self- and cross-attention.
-    text_dim: width of the text encoder's tokens (0: an unconditional model).
-    emb_dim: width of the time embedding (default 4 * channels).
-    middle: whether the bottleneck has its own blocks; a NestedUNet shell has none, the inner
-        UNet sits there instead.
+    Attributes:
+        resolution: side of the square input image.
+        channels: width at full resolution; level i has channels * channel_mult[i] and works at
+            resolution / 2**i.
+        attention_resolutions: image sides at which blocks get self- and cross-attention.
+        text_dim: width of the text encoder's tokens (0: an unconditional model).
+        emb_dim: width of the time embedding (default 4 * channels).
+        middle: whether the bottleneck has its own blocks; a NestedUNet shell has none, the inner
+            UNet sits there instead.
     """
 
     resolution: int = 32

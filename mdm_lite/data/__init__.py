@@ -32,15 +32,16 @@ def load_dataset(name: str, split: str = "train", image_size: int = 64, max_samp
                  **options) -> torch.utils.data.Dataset:
     """A dataset of {"image": (3, image_size, image_size) in [-1, 1], "caption": str} items.
 
-    name: "shapes", "flickr30k", "tiny-imagenet", or any captioned dataset: a Hub name
-        ("owner/name"), a local folder (`imagefolder` with a metadata file, or parquet
-        files) or .parquet file(s).
-    split: "train", or the dataset's other splits ("heldout" for Shapes; "val", "test",
-        "all" for Flickr30k; "valid" for Tiny ImageNet).
-    max_samples: use at most this many samples (for Shapes, the dataset's length).
-    options: passed to the loader: for Shapes the fields of `ShapesConfig` (seed,
-        difficulty, length); for Flickr30k and Tiny ImageNet hub_name, path, seed; for
-        other datasets image_column, caption_column, seed.
+    Args:
+        name: "shapes", "flickr30k", "tiny-imagenet", or any captioned dataset: a Hub name
+            ("owner/name"), a local folder (`imagefolder` with a metadata file, or parquet
+            files) or .parquet file(s).
+        split: "train", or the dataset's other splits ("heldout" for Shapes; "val", "test",
+            "all" for Flickr30k; "valid" for Tiny ImageNet).
+        max_samples: use at most this many samples (for Shapes, the dataset's length).
+        options: passed to the loader: for Shapes the fields of `ShapesConfig` (seed,
+            difficulty, length); for Flickr30k and Tiny ImageNet hub_name, path, seed; for
+            other datasets image_column, caption_column, seed.
     """
     if name == "shapes":
         if max_samples is not None:

@@ -59,10 +59,11 @@ class CaptionedImageDataset(torch.utils.data.Dataset):
 
     Item: {"image": (3, image_size, image_size) float in [-1, 1], "caption": str}.
 
-    table: the rows; `image_column` holds images (or image file paths), `caption_column`
-        holds a caption, a list of captions (one is drawn at random, with torch's generator,
-        each time the row is used), or any value that `caption_from` turns into a caption.
-    name: how error messages refer to the dataset.
+    Args:
+        table: the rows; `image_column` holds images (or image file paths), `caption_column`
+            holds a caption, a list of captions (one is drawn at random, with torch's generator,
+            each time the row is used), or any value that `caption_from` turns into a caption.
+        name: how error messages refer to the dataset.
 
     Rows whose image cannot be decoded, or that have no caption, are skipped with a warning
     and counted in `skipped`: indexing one returns the next good row instead. Only when
@@ -199,11 +200,12 @@ def load_captioned(source: str, split: str = "train", image_size: int = 64, max_
                    seed: int = 0) -> CaptionedImageDataset:
     """Any dataset with an image column and a text column.
 
-    source: a Hub name ("owner/name"), a local folder (an `imagefolder` whose metadata.jsonl
-        or metadata.csv holds the captions, or parquet files), or .parquet file(s)/glob.
-        Local parquet files and folders without split names form the split "train".
-    caption_column: a column of strings, or of lists of strings (one drawn per use).
-    max_samples: keep a random subset of this many rows (fixed by `seed`).
+    Args:
+        source: a Hub name ("owner/name"), a local folder (an `imagefolder` whose metadata.jsonl
+            or metadata.csv holds the captions, or parquet files), or .parquet file(s)/glob.
+            Local parquet files and folders without split names form the split "train".
+        caption_column: a column of strings, or of lists of strings (one drawn per use).
+        max_samples: keep a random subset of this many rows (fixed by `seed`).
     """
     table = random_subset(load_table(source, split), max_samples, seed)
     return CaptionedImageDataset(table, image_size, image_column, caption_column, name=repr(source))

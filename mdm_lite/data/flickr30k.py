@@ -108,11 +108,12 @@ def load_flickr30k(split: str = "train", image_size: int = 64, max_samples: int 
                    hub_name: str = HUB_NAME, path: str | None = None, seed: int = 0) -> CaptionedImageDataset:
     """Flickr30k image-caption pairs; each use of an image draws one of its five captions.
 
-    split: "train", "val", "test" (Karpathy split) or "all".
-    hub_name: the Hub dataset, in the lmms-lab layout.
-    path: a local copy, used instead of the Hub: a download in the zip or Kaggle layout, or
-        a folder of parquet files in the Hub's layout.
-    max_samples: keep a random subset of this many images (fixed by `seed`).
+    Args:
+        split: "train", "val", "test" (Karpathy split) or "all".
+        hub_name: the Hub dataset, in the lmms-lab layout.
+        path: a local copy, used instead of the Hub: a download in the zip or Kaggle layout, or
+            a folder of parquet files in the Hub's layout.
+        max_samples: keep a random subset of this many images (fixed by `seed`).
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown Flickr30k split {split!r}: use one of {', '.join(SPLITS)}")

@@ -38,11 +38,12 @@ def load_tiny_imagenet(split: str = "train", image_size: int = 64, max_samples: 
                        hub_name: str = HUB_NAME, path: str | None = None, seed: int = 0) -> CaptionedImageDataset:
     """Tiny ImageNet image-caption pairs.
 
-    split: "train" or "valid" (the Hub copy's names).
-    hub_name: the Hub dataset.
-    path: a local copy, used instead of the Hub: a folder of parquet files in the Hub's layout.
-    max_samples: keep a random subset of this many images (fixed by `seed`); random, not
-        the first N, because the rows are sorted by class.
+    Args:
+        split: "train" or "valid" (the Hub copy's names).
+        hub_name: the Hub dataset.
+        path: a local copy, used instead of the Hub: a folder of parquet files in the Hub's layout.
+        max_samples: keep a random subset of this many images (fixed by `seed`); random, not
+            the first N, because the rows are sorted by class.
     """
     source = path or hub_name
     table = load_table(source, split, prefetch_name="tiny-imagenet")
