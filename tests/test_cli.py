@@ -1,0 +1,170 @@
+"""The mdm-lite command: bad input ends in one line that says what to do; sample writes what it says."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mdm_lite.checkpoint import resolve_checkpoint
+from mdm_lite.cli import main
+from tiny_run import snapshot, trained_run, write_tiny_json
+
+train_module = importlib.import_module("mdm_lite.train")  # `import mdm_lite.train` gives the function
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def _call(capsys, *argv) -> tuple[int, list[str], str]:
+    """Run `mdm-lite argv` in this process: (exit status, stderr lines, stdout)."""
+    status = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return status, out.err.splitlines(), out.out
+
+
+# Each bad input: (what to run given tmp_path, the run's output_dir and a --config file;
+# the path that must stay as it was; words of the one-line message that say what to do).
+def _copy_of_run(tmp, run_dir):
+    shutil.copytree(run_dir, tmp / "copy", symlinks=True)
+    return tmp / "copy"
+
+
+def _corrupt_copy(tmp, run_dir):
+    copy = tmp / "corrupt"
+    shutil.copytree(resolve_checkpoint(run_dir), copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return copy
+
+
+def _a_file(tmp):
+    (tmp / "file").write_text("not a directory\n")
+    return tmp / "file"
+
+
+def _misspelt_config(tmp):
+    config = json.loads(write_tiny_json(tmp / "misspelt.json").read_text())
+    config["model"]["image_sise"] = config["model"].pop("image_size")
+    (tmp / "misspelt.json").write_text(json.dumps(config))
+    return tmp / "misspelt.json"
+
+
+def _empty_prompts(tmp):
+    (tmp / "prompts.txt").write_text("\n  \n")
+    return tmp / "prompts.txt"
+
+
+BAD_INPUT = {
+    "missing checkpoint": (lambda tmp, run, cfg: ["sample", "--checkpoint", tmp / "nothing", "--prompts", "a",
+                                                  "--output_dir", tmp / "out"], "out", "mdm-lite train"),
+    "corrupt checkpoint": (lambda tmp, run, cfg: ["sample", "--checkpoint", _corrupt_copy(tmp, run), "--prompts", "a",
+                                                  "--output_dir", tmp / "out"], "corrupt", "checkpoint_NNNNNN"),
+    "checkpoint of another config": (
+        lambda tmp, run, cfg: ["train", "--config", cfg, "--output_dir", _copy_of_run(tmp, run), "--resume",
+                               "--num_levels", "1", "--no_progress"], "copy", "resume with the same"),
+    "unknown preset": (lambda tmp, run, cfg: ["train", "--preset", "huge", "--output_dir", tmp / "out"], "out",
+                       "use one of cpu"),
+    "unknown dataset": (lambda tmp, run, cfg: ["train", "--config", cfg, "--dataset", "imagenet-21k", "--output_dir",
+                                               tmp / "out", "--no_progress"], "out", "use shapes"),
+    "misspelt model field in --config": (lambda tmp, run, cfg: ["train", "--config", _misspelt_config(tmp),
+                                                                "--output_dir", tmp / "out"], "out", "image_sise"),
+    "batch size 0": (lambda tmp, run, cfg: ["train", "--config", cfg, "--batch_size", "0", "--output_dir", tmp / "out"],
+                     "out", "positive integer"),
+    "negative lr": (lambda tmp, run, cfg: ["train", "--config", cfg, "--lr", "-1", "--output_dir", tmp / "out"], "out",
+                    "positive number"),
+    "no prompts": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts_file", _empty_prompts(tmp),
+                                          "--output_dir", tmp / "out"], "out", "pass --prompts"),
+    "train output_dir is a file": (lambda tmp, run, cfg: ["train", "--config", cfg, "--output_dir", _a_file(tmp)],
+                                   "file", "pass a directory"),
+    "sample output_dir is a file": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts", "a",
+                                                           "--output_dir", _a_file(tmp)], "file", "pass a directory"),
+    "train on a missing GPU": (lambda tmp, run, cfg: ["train", "--config", cfg, "--device", "cuda", "--output_dir",
+                                                      tmp / "out"], "out", "use --device cpu"),
+    "sample on a missing GPU": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts", "a", "--device",
+                                                       "cuda", "--output_dir", tmp / "out"], "out", "use --device cpu"),
+    "output_dir holds a run": (lambda tmp, run, cfg: ["train", "--config", cfg, "--output_dir", _copy_of_run(tmp, run),
+                                                      "--no_progress"], "copy", "pass --resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_exits_2_with_one_line_that_says_what_to_do_and_touches_nothing(case, run, tmp_path, capsys):
+    if "GPU" in case and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    argv, watched, advice = BAD_INPUT[case]
+    argv = argv(tmp_path, run.config.output_dir, write_tiny_json(tmp_path / "tiny.json"))
+    watched, before_run = tmp_path / watched, snapshot(Path(run.config.output_dir))
+    before = snapshot(watched) if watched.is_dir() else watched.read_bytes() if watched.exists() else None
+    status, err, _ = _call(capsys, *argv)
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("mdm-lite: error: ") and advice in err[0], err
+    after = snapshot(watched) if watched.is_dir() else watched.read_bytes() if watched.exists() else None
+    assert after == before  # nothing saved is touched, nothing new written
+    assert snapshot(Path(run.config.output_dir)) == before_run
+
+
+def test_a_diverged_run_exits_1_with_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    multires_loss, calls = train_module.multires_loss, []
+
+    def nan_on_the_third_step(*args, **kwargs):
+        total, losses = multires_loss(*args, **kwargs)
+        calls.append(1)
+        return (total * float("nan") if len(calls) == 3 else total), losses
+
+    monkeypatch.setattr(train_module, "multires_loss", nan_on_the_third_step)
+    output_dir = tmp_path / "run"
+    status, err, _ = _call(capsys, "train", "--config", write_tiny_json(tmp_path / "tiny.json"), "--output_dir",
+                           output_dir, "--no_progress")
+    assert status == 1
+    # The run's one-line header, then the error: one line, no traceback.
+    assert len(err) == 2 and err[0].startswith("mdm-lite train: ") and err[1].startswith("mdm-lite: loss became nan")
+    assert str((output_dir / "checkpoint_000002").resolve()) in err[1] and "Traceback" not in "".join(err)
+    assert resolve_checkpoint(output_dir).name == "checkpoint_000002"
+
+
+def test_a_real_mdm_lite_process_with_a_missing_checkpoint_prints_one_line_and_no_traceback(tmp_path):
+    command = [str(Path(sys.executable).parent / "mdm-lite"), "sample", "--checkpoint", str(tmp_path / "nothing"),
+               "--prompts", "a red circle", "--output_dir", str(tmp_path / "out")]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "no checkpoint at" in done.stderr and not (tmp_path / "out").exists()
+
+
+def _sample(capsys, run, output_dir, *options):
+    status, err, out = _call(capsys, "sample", "--checkpoint", run.config.output_dir, "--prompts", "a red circle",
+                             "a small blue star", "--output_dir", output_dir, "--num_inference_steps", 2, *options)
+    assert status == 0, err
+    return out
+
+
+def test_sample_writes_numbered_pngs_a_grid_and_prompts_json(run, tmp_path, capsys):
+    _sample(capsys, run, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "grid.png", "prompts.json", "sample_0000.png", "sample_0001.png"]
+    assert Image.open(tmp_path / "out" / "sample_0000.png").size == (16, 16)
+    assert json.loads((tmp_path / "out" / "prompts.json").read_text()) == [
+        {"file": "sample_0000.png", "prompt": "a red circle"},
+        {"file": "sample_0001.png", "prompt": "a small blue star"}]
+
+
+def test_save_levels_puts_every_level_side_by_side(run, tmp_path, capsys):
+    _sample(capsys, run, tmp_path / "out", "--save_levels")
+    assert Image.open(tmp_path / "out" / "sample_0001.png").size == (16 * 2, 16)  # width R * num_levels
+
+
+def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_path, capsys):
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        _sample(capsys, run, tmp_path / name, "--seed", seed)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    assert (tmp_path / "a" / "sample_0000.png").read_bytes() != (tmp_path / "c" / "sample_0000.png").read_bytes()

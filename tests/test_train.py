@@ -1,0 +1,161 @@
+"""Training: exact resume, divergence stops cleanly, progressive growth, torchrun, the Python API."""
+
+import copy
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mdm_lite import MDMPipeline, NestedUNet, NestedUNetConfig
+from mdm_lite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from mdm_lite.train import PRESETS, TrainingDiverged, flat_baseline, grow_from, train
+from tiny_run import INNER, snapshot, state_equal, tiny_config, trained_run, write_tiny_json
+
+train_module = importlib.import_module("mdm_lite.train")  # `import mdm_lite.train` gives the function
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory)
+
+
+def _metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoint_dirs(output_dir) -> list[str]:
+    return sorted(p.name for p in output_dir.glob("checkpoint_[0-9]*"))
+
+
+def test_resuming_n_steps_for_n_more_gives_bitwise_the_weights_of_2n_steps(run, tmp_path):
+    # The resume starts mid-epoch (3 steps an epoch), crosses into the next one, and every step
+    # draws dropout, caption dropout, times and noise: all of it must repeat exactly.
+    output_dir = tmp_path / "run"
+    train(tiny_config(output_dir, max_steps=2), progress=False)
+    resumed = train(tiny_config(output_dir, max_steps=4), progress=False, resume=True)
+    assert state_equal(resumed.model.state_dict(), run.model.state_dict())
+    assert state_equal(resumed.ema.state_dict(), run.ema.state_dict())
+    records = _metrics(output_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # each step logged once
+    assert [r["loss"] for r in records] == [r["loss"] for r in run.history]
+
+
+def test_a_new_run_after_one_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
+    output_dir = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(output_dir, max_steps=2), progress=False)
+    assert [r["step"] for r in _metrics(output_dir)] == [1, 2] and not _checkpoint_dirs(output_dir)
+    train(tiny_config(output_dir, max_steps=2), progress=False)  # nothing to resume: a new run
+    assert [r["step"] for r in _metrics(output_dir)] == [1, 2]
+
+
+def test_a_nan_loss_raises_training_diverged_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    output_dir = tmp_path / "run"
+    last_good = output_dir / "checkpoint_000002"
+    multires_loss, calls, saved = train_module.multires_loss, [], {}
+
+    def nan_on_the_third_step(*args, **kwargs):
+        total, losses = multires_loss(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:  # after the save at step 2
+            saved.update(snapshot(last_good))
+            return total * float("nan"), losses
+        return total, losses
+
+    monkeypatch.setattr(train_module, "multires_loss", nan_on_the_third_step)
+    with pytest.raises(TrainingDiverged) as error:
+        train(tiny_config(output_dir), progress=False)
+    message = str(error.value)
+    assert "nan" in message and str(last_good.resolve()) in message and "--resume" in message
+    assert saved and snapshot(last_good) == saved  # the last good checkpoint is untouched
+    assert _checkpoint_dirs(output_dir) == ["checkpoint_000002"]
+    assert resolve_checkpoint(output_dir) == last_good.resolve()
+    assert load_checkpoint(output_dir).state["step"] == 2
+
+
+SMALL = {"image_size": 8, "num_levels": 1, "shell_channels": 8, "inner": INNER}  # TINY's inner level
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A 1-level 8px model trained for 2 steps: what progressive training grows TINY from."""
+    return train(tiny_config(tmp_path_factory.mktemp("small") / "run", model=SMALL, max_steps=2), progress=False)
+
+
+def test_progressive_training_starts_the_inner_level_where_the_smaller_model_stopped(small, tmp_path, monkeypatch):
+    grown = {}
+
+    def remember_the_grown_model(path, config):
+        model = grow_from(path, config)
+        grown["model"] = copy.deepcopy(model)  # before train() updates it in place
+        return model
+
+    monkeypatch.setattr(train_module, "grow_from", remember_the_grown_model)
+    big = train(tiny_config(tmp_path / "big", init_from=small.config.output_dir, max_steps=1), progress=False)
+    assert big.model.config.resolutions == [16, 8]
+    model, ema = grown["model"].eval(), small.ema.eval()
+    generator = torch.Generator().manual_seed(0)
+    x16, x8 = torch.randn(2, 3, 16, 16, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    tokens, mask = torch.randn(2, 5, 384, generator=generator), torch.ones(2, 5, dtype=torch.bool)
+    t = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        inner = model([x16, x8], t, tokens, mask)[1]
+        assert torch.equal(inner, ema([x8], t, tokens, mask)[0])
+        assert not torch.equal(inner, small.model.eval()([x8], t, tokens, mask)[0])  # EMA, not raw weights
+
+
+@pytest.mark.parametrize("model", [
+    {"image_size": 32, "num_levels": 3, "shell_channels": 8, "inner": INNER},  # two levels bigger
+    {"image_size": 16, "num_levels": 2, "shell_channels": 8, "inner": {**INNER, "channels": 24}},  # wider core
+])
+def test_init_from_a_model_that_is_not_the_inner_levels_is_a_checkpoint_error(small, tmp_path, model):
+    with pytest.raises(CheckpointError, match="init_from"):
+        train(tiny_config(tmp_path / "big", model=model, init_from=small.config.output_dir), progress=False)
+    assert not (tmp_path / "big").exists()
+
+
+def test_torchrun_with_two_processes_writes_one_checkpoint_and_logs_each_step_once(tmp_path):
+    config, output_dir = write_tiny_json(tmp_path / "tiny.json"), tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "mdm_lite.train", "--config", str(config), "--output_dir", str(output_dir),
+               "--max_steps", "2", "--no_progress"]
+    start = time.perf_counter()
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    print(f"torchrun, 2 processes, 2 steps: {time.perf_counter() - start:.1f} s")
+    assert done.returncode == 0, done.stderr
+    assert "device cpu x2" in done.stderr  # both processes trained, in one process group
+    assert _checkpoint_dirs(output_dir) == ["checkpoint_000002"]
+    assert load_checkpoint(output_dir).state["step"] == 2
+    assert [r["step"] for r in _metrics(output_dir)] == [1, 2]
+
+
+def test_the_python_api_samples_in_two_lines(run):
+    pipe = MDMPipeline.from_pretrained(run.config.output_dir)
+    out = pipe(["a red circle"], num_inference_steps=3)
+    assert len(out.images) == 1 and out.images[0].size == (16, 16) and out.images[0].mode == "RGB"
+    tensors = pipe(["a red circle", "a blue star"], num_inference_steps=3, output_type="pt")
+    assert tensors.images.shape == (2, 3, 16, 16)
+    assert tensors.images.min() >= -1 and tensors.images.max() <= 1
+    assert [x.shape[-1] for x in tensors.levels] == [16, 8]
+
+
+@pytest.mark.parametrize("nested", [PRESETS["cpu"]().model, NestedUNetConfig()], ids=["cpu-preset", "default"])
+def test_the_flat_baseline_is_one_level_with_about_as_many_parameters(nested):
+    flat = flat_baseline(nested)
+    with torch.device("meta"):
+        count = {name: sum(p.numel() for p in NestedUNet(c).parameters()) for name, c in
+                 (("nested", nested), ("flat", flat))}
+    assert flat.num_levels == 1 and flat.image_size == nested.image_size
+    assert abs(count["flat"] - count["nested"]) <= 0.10 * count["nested"], count
