@@ -104,7 +104,8 @@ def save_checkpoint(output_dir: str | Path, step: int, model: dict, ema: dict, o
     output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint_{step:06d}"
     tmp = output_dir / f".tmp_checkpoint_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in output_dir.glob(".tmp_checkpoint_*"):  # from saves that were killed; one writer per run
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     _save_tensors(model, tmp / "model.safetensors")
     _save_tensors(ema, tmp / "ema.safetensors")
