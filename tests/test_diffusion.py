@@ -1,0 +1,309 @@
+"""The multi-resolution loss and the samplers, checked against closed forms."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mdm_lite import (DiffusionConfig, NestedUNet, NestedUNetConfig, UNetConfig, drop_captions, image_pyramid,
+                      multires_loss)
+from mdm_lite.diffusion import ddim_step, ddpm_step, sample
+from mdm_lite.schedule import add_noise, alpha_sigma, cosine_logsnr
+
+torch.set_num_threads(1)
+
+# --- Sampling Gaussian data with its exact denoiser --------------------------------------------
+#
+# If every pixel of level k is x0 ~ N(MU, S_k^2) independently, then given z = alpha x0 + sigma eps
+# the posterior mean is E[x0 | z] = MU + alpha S_k^2 / (alpha^2 S_k^2 + sigma^2) (z - alpha MU),
+# and E[eps | z] = (z - alpha E[x0 | z]) / sigma: the best possible network, in closed form. With it
+# as the model, a correct sampler must return samples with mean MU and std S_k.
+MU, STD = 0.3, 0.2  # clip_sample=False anyway, but [-1, 1] holds the data
+RESOLUTIONS = [8, 4]
+LEVEL_STDS = [STD / 2 ** k for k in range(len(RESOLUTIONS))]  # 2x average pooling halves the std
+BASE = 4  # as the paper's 64/32 with base 32: the outer level is shifted to more noise
+BATCH = 64  # 12288 pixels at 8x8, 3072 at 4x4
+NUM_STEPS = 500
+# DDIM and DDPM are first-order in the step size 1/N. For these data they come out with a std that
+# is too small by about 6.3 S_k / N (DDIM) and 16 S_k / N (DDPM) on both levels; the mean is right
+# to 1e-4 S_k (see `exact_output_law`: at N = 500, std 0.1975 and 0.1936 for S = 0.2). The test
+# allows that bias, rounded up, on top of the sampling error.
+STD_BIAS_PER_STEP = {"ddim": 7.0, "ddpm": 17.0}
+
+
+def true_logsnr(t: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The shifted cosine schedule written out: lambda(t) + 2 log(base / r)."""
+    return cosine_logsnr(t) + 2 * math.log(BASE / resolution)
+
+
+def gaussian_denoiser(kind: str, logsnr=true_logsnr, gain: float = 1.0):
+    """The exact v (or eps) prediction for the Gaussian data above, as a NestedUNet-like callable.
+
+    logsnr(t, resolution) is the schedule the denoiser believes in; gain != 1 scales its posterior
+    mean's slope (a deliberately wrong denoiser).
+    """
+
+    def model(zs, t, tokens, mask):
+        preds = []
+        for z, s in zip(zs, LEVEL_STDS):
+            alpha, sigma = (c.reshape(-1, 1, 1, 1) for c in alpha_sigma(logsnr(t, z.shape[-1])))
+            x0 = MU + gain * alpha * s ** 2 / (alpha ** 2 * s ** 2 + sigma ** 2) * (z - alpha * MU)
+            eps = (z - alpha * x0) / sigma
+            preds.append(alpha * eps - sigma * x0 if kind == "v" else eps)
+        return preds
+
+    return model
+
+
+def gaussian_samples(model, kind: str, sampler: str, seed: int = 0) -> list[torch.Tensor]:
+    config = DiffusionConfig(prediction=kind, base_resolution=BASE)
+    return sample(model, RESOLUTIONS, config, batch_size=BATCH, num_steps=NUM_STEPS, sampler=sampler,
+                  clip_sample=False, generator=torch.Generator().manual_seed(seed))
+
+
+def moment_errors(samples: list[torch.Tensor], sampler: str) -> list[float]:
+    """Per level, the larger of |mean - MU| and |std - S_k| in units of its tolerance (< 1 passes).
+
+    The output pixels are independent draws from one Gaussian (each step maps every pixel by the
+    same affine function plus independent noise), so over n pixels the sample mean has standard
+    error S / sqrt(n) and the sample std S / sqrt(2 n). We allow 5 standard errors (a correct
+    sampler fails with probability 6e-7 per check), plus the known discretisation bias of the std.
+    """
+    errors = []
+    for x, s in zip(samples, LEVEL_STDS):
+        n = x.numel()
+        mean_tol = 5 * s / math.sqrt(n)
+        std_tol = 5 * s / math.sqrt(2 * n) + STD_BIAS_PER_STEP[sampler] * s / NUM_STEPS
+        errors.append(max(abs(x.mean().item() - MU) / mean_tol, abs(x.std().item() - s) / std_tol))
+    return errors
+
+
+def exact_output_law(sampler: str, s: float, resolution: int) -> tuple[float, float]:
+    """Mean and std of what the N-step sampler returns for N(MU, s^2) pixels, without sampling.
+
+    With the exact denoiser every step is affine in z plus independent Gaussian noise, so the law of
+    z stays Gaussian and its (mean, variance) follow a scalar recursion, here in float64.
+    """
+    times = torch.linspace(1.0, 0.0, NUM_STEPS + 1, dtype=torch.float64)
+    mean, var = 0.0, 1.0  # z_1 ~ N(0, 1)
+    for t, u in zip(times[:-1], times[1:]):
+        logsnr_t, logsnr_s = true_logsnr(t, resolution).item(), true_logsnr(u, resolution).item()
+        a_t, s_t = math.sqrt(1 / (1 + math.exp(-logsnr_t))), math.sqrt(1 / (1 + math.exp(logsnr_t)))
+        a_s, s_s = math.sqrt(1 / (1 + math.exp(-logsnr_s))), math.sqrt(1 / (1 + math.exp(logsnr_s)))
+        gain = a_t * s ** 2 / (a_t ** 2 * s ** 2 + s_t ** 2)  # x0_hat = gain z + offset
+        offset = MU - gain * a_t * MU
+        x0_mean, x0_var = gain * mean + offset, gain ** 2 * var
+        if sampler == "ddim":  # z_s = a_s x0_hat + s_s (z - a_t x0_hat) / s_t
+            slope, shift = a_s * gain + s_s / s_t * (1 - a_t * gain), (a_s - s_s * a_t / s_t) * offset
+            noise_var = 0.0
+        else:  # the mean of q(z_s | z_t, x0_hat) plus its noise (VDM Eq. 33)
+            a_ts = a_t / a_s
+            c_z, c_x = a_ts * s_s ** 2 / s_t ** 2, a_s * (s_t ** 2 - a_ts ** 2 * s_s ** 2) / s_t ** 2
+            slope, shift = c_z + c_x * gain, c_x * offset
+            noise_var = s_s ** 2 * -math.expm1(logsnr_t - logsnr_s)
+        mean, var = slope * mean + shift, slope ** 2 * var + noise_var
+    return x0_mean, math.sqrt(x0_var)  # the sampler returns its last x0 estimate
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_the_std_allowance_covers_the_discretisation_bias(sampler):
+    for resolution, s in zip(RESOLUTIONS, LEVEL_STDS):
+        mean, std = exact_output_law(sampler, s, resolution)
+        assert abs(mean - MU) < 1e-3 * s
+        assert 0 < s - std < STD_BIAS_PER_STEP[sampler] * s / NUM_STEPS
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("kind", ["v", "eps"])
+def test_sampling_with_the_exact_denoiser_recovers_gaussian_data(kind, sampler):
+    samples = gaussian_samples(gaussian_denoiser(kind), kind, sampler)
+    assert [x.shape for x in samples] == [(BATCH, 3, r, r) for r in RESOLUTIONS]
+    assert max(moment_errors(samples, sampler)) < 1
+
+
+WRONG_DENOISERS = {
+    "shift forgotten": dict(logsnr=lambda t, r: cosine_logsnr(t)),
+    "shift sign flipped": dict(logsnr=lambda t, r: cosine_logsnr(t) - 2 * math.log(BASE / r)),
+    "posterior mean 5% too steep": dict(gain=1.05),
+}
+
+
+@pytest.mark.parametrize("mistake", list(WRONG_DENOISERS))
+def test_a_wrong_denoiser_fails_the_gaussian_check(mistake):
+    # The check above has teeth: each of these plausible mistakes moves the samples well outside it
+    # (measured: 4 to 12 tolerances away on the 8x8 level).
+    samples = gaussian_samples(gaussian_denoiser("v", **WRONG_DENOISERS[mistake]), "v", "ddim")
+    assert max(moment_errors(samples, "ddim")) > 2
+
+
+def test_ddim_with_eta_one_is_the_ddpm_posterior_step():
+    # Song et al. 2021, Eq. 12 with sigma = the posterior std gives back q(z_s | z_t, x0).
+    g = torch.Generator().manual_seed(0)
+    z, x0, noise = (torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    logsnr_t = torch.tensor([-3.0, 0.0, 4.0], dtype=torch.float64)
+    logsnr_s = logsnr_t + torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    alpha_t, sigma_t = (c.reshape(-1, 1, 1, 1) for c in alpha_sigma(logsnr_t))
+    eps = (z - alpha_t * x0) / sigma_t
+    torch.testing.assert_close(ddim_step(z, x0, eps, logsnr_t, logsnr_s, noise, eta=1.0),
+                               ddpm_step(z, x0, logsnr_t, logsnr_s, noise))
+
+
+def test_deterministic_ddim_step_keeps_x0_and_eps():
+    # With eta = 0, z_s = alpha_s x0 + sigma_s eps: the same clean image and noise, one step cleaner.
+    g = torch.Generator().manual_seed(0)
+    x0, eps, noise = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    logsnr_t = torch.tensor([-2.0, 1.0], dtype=torch.float64)
+    logsnr_s = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    z_t = add_noise(x0, eps, logsnr_t)
+    torch.testing.assert_close(ddim_step(z_t, x0, eps, logsnr_t, logsnr_s, noise), add_noise(x0, eps, logsnr_s))
+
+
+# --- The multi-resolution loss ---------------------------------------------------------------
+
+def test_image_pyramid_average_pools():
+    x0 = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    levels = image_pyramid(x0, 3)
+    assert [x.shape[-1] for x in levels] == [8, 4, 2]
+    assert levels[0] is x0
+    torch.testing.assert_close(levels[1][:, :, 0, 0], x0[:, :, :2, :2].mean((2, 3)))
+    torch.testing.assert_close(levels[2], F.avg_pool2d(x0, 4))
+
+
+def oracle(x0: torch.Tensor, config: DiffusionConfig, num_levels: int):
+    """A model that knows the clean pyramid: from z_t it recovers eps, hence the exact target."""
+    xs = image_pyramid(x0, num_levels)
+
+    def model(zs, t, tokens, mask):
+        preds = []
+        for z, x in zip(zs, xs):
+            logsnr = cosine_logsnr(t) + 2 * math.log(config.base_resolution / x.shape[-1])
+            alpha, sigma = (c.reshape(-1, 1, 1, 1) for c in alpha_sigma(logsnr))
+            eps = (z - alpha * x) / sigma
+            preds.append(alpha * eps - sigma * x if config.prediction == "v" else eps)
+        return preds
+
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_multires_loss_is_zero_for_a_model_that_knows_x0(prediction):
+    config = DiffusionConfig(prediction=prediction, base_resolution=16)
+    x0 = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 1
+    total, losses = multires_loss(oracle(x0, config, 3), x0, None, None, config, 3,
+                                  generator=torch.Generator().manual_seed(1))
+    assert len(losses) == 3
+    assert total.item() < 1e-12
+
+
+def test_multires_loss_of_a_zero_eps_prediction_is_one_per_level():
+    # Predicting eps = 0 costs E[eps^2] = 1 at every level, whatever t and x0.
+    x0 = torch.rand(64, 3, 16, 16) * 2 - 1
+    zero = lambda zs, t, tokens, mask: [torch.zeros_like(z) for z in zs]  # noqa: E731
+    _, losses = multires_loss(zero, x0, None, None, DiffusionConfig(prediction="eps"), 2,
+                              generator=torch.Generator().manual_seed(0))
+    for loss, n in zip(losses, [64 * 3 * 16 * 16, 64 * 3 * 8 * 8]):
+        # The mean of n squared normals has standard error sqrt(2 / n); allow 5 of them.
+        assert abs(loss.item() - 1) < 5 * math.sqrt(2 / n)
+
+
+def test_multires_loss_weights_the_levels():
+    config = DiffusionConfig(prediction="eps", loss_weights=(2.0, 0.5))
+    x0 = torch.zeros(4, 3, 8, 8)
+    zero = lambda zs, t, tokens, mask: [torch.zeros_like(z) for z in zs]  # noqa: E731
+    total, losses = multires_loss(zero, x0, None, None, config, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(total, 2.0 * losses[0] + 0.5 * losses[1])
+    with pytest.raises(ValueError, match="loss_weights"):
+        multires_loss(zero, x0, None, None, config, 3)
+
+
+def test_multires_loss_is_reproducible_with_a_generator():
+    config = DiffusionConfig()
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    zero = lambda zs, t, tokens, mask: [torch.zeros_like(z) for z in zs]  # noqa: E731
+    first = multires_loss(zero, x0, None, None, config, 2, generator=torch.Generator().manual_seed(3))[0]
+    again = multires_loss(zero, x0, None, None, config, 2, generator=torch.Generator().manual_seed(3))[0]
+    other = multires_loss(zero, x0, None, None, config, 2, generator=torch.Generator().manual_seed(4))[0]
+    assert first == again and first != other
+
+
+def test_drop_captions_replaces_captions_with_the_empty_prompt():
+    captions = [f"caption {i}" for i in range(2000)]
+    assert drop_captions(captions, 0.0) == captions
+    assert drop_captions(captions, 1.0) == [""] * 2000
+    dropped = drop_captions(captions, 0.1, generator=torch.Generator().manual_seed(0))
+    kept = [c for c in dropped if c]
+    assert kept == [c for c in captions if c in set(kept)]  # survivors keep their text and order
+    # Binomial(2000, 0.1): mean 200, std 13.4; 5 standard errors is 67.
+    assert abs(len(captions) - len(kept) - 200) < 67
+
+
+# --- Sampling with a network -----------------------------------------------------------------
+
+TEXT_DIM = 16
+
+
+def tiny_model(seed: int = 0) -> NestedUNet:
+    config = NestedUNetConfig(image_size=16, num_levels=2, shell_channels=8,
+                              inner=UNetConfig(channels=8, channel_mult=(1, 2), num_res_blocks=1,
+                                               attention_resolutions=(4,), head_dim=4, text_dim=TEXT_DIM))
+    model = NestedUNet(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # move the zero-initialised layers so that the model does something
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def prompts(batch: int, length: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, TEXT_DIM, generator=g), torch.ones(batch, length, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_same_seed_gives_the_same_samples(sampler):
+    model, (tokens, mask) = tiny_model(), prompts(2, 5)
+
+    def draw(seed):
+        return sample(model, [16, 8], DiffusionConfig(), tokens, mask, num_steps=4, sampler=sampler,
+                      generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = draw(0), draw(0), draw(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_clipped_samples_are_images_in_range():
+    model, (tokens, mask) = tiny_model(), prompts(2, 5)
+    images, trajectory = sample(model, [16, 8], DiffusionConfig(), tokens, mask, num_steps=3,
+                                generator=torch.Generator().manual_seed(0), return_trajectory=True)
+    assert [x.shape for x in images] == [(2, 3, 16, 16), (2, 3, 8, 8)]
+    assert all(x.abs().max() <= 1 for x in images)
+    assert [step["t"] for step in trajectory] == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert all(torch.equal(a, b) for a, b in zip(trajectory[-1]["x0"], images))
+
+
+def test_guidance_without_the_empty_prompt_is_refused():
+    model, (tokens, mask) = tiny_model(), prompts(2, 5)
+    with pytest.raises(ValueError, match="null_tokens"):
+        sample(model, [16, 8], DiffusionConfig(), tokens, mask, num_steps=2, guidance_scale=3.0)
+
+
+def test_guidance_extrapolates_from_the_unconditional_prediction():
+    # A model whose v prediction is the first feature of the first token: 1 for the prompt, -0.5 for
+    # the empty prompt. Guided: -0.5 + w (1 - (-0.5)). One DDIM step from t = 1 lands on
+    # x0 = alpha_1 z - sigma_1 v, with the level's own alpha_1, sigma_1.
+    def model(zs, t, tokens, mask):
+        return [tokens[:, 0, 0].reshape(-1, 1, 1, 1).expand_as(z) for z in zs]
+
+    tokens, mask = torch.ones(2, 5, TEXT_DIM), torch.ones(2, 5, dtype=torch.bool)
+    null_tokens, null_mask = torch.full((1, 3, TEXT_DIM), -0.5), torch.ones(1, 3, dtype=torch.bool)
+    config, w = DiffusionConfig(base_resolution=16), 3.0
+    g = torch.Generator().manual_seed(0)
+    images = sample(model, [16, 8], config, tokens, mask, null_tokens=null_tokens, null_mask=null_mask,
+                    num_steps=1, guidance_scale=w, clip_sample=False, generator=g)
+    g = torch.Generator().manual_seed(0)  # sample() draws the starting noise first, level by level
+    noise = [torch.randn((2, 3, r, r), generator=g) for r in [16, 8]]
+    for x, z, r in zip(images, noise, [16, 8]):
+        alpha, sigma = alpha_sigma(config.logsnr(torch.tensor(1.0), r))
+        torch.testing.assert_close(x, alpha * z - sigma * (-0.5 + w * 1.5))
