@@ -148,7 +148,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                sampler=args.sampler, seed=args.seed, device=args.device, use_ema=not args.no_ema)
+                                sampler=args.sampler, seed=args.seed, split=args.split, device=args.device,
+                                use_ema=not args.no_ema)
     width = max(len(k) for k in table)
     for key, value in table.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -206,6 +207,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
+    e.add_argument("--split", default="train", choices=("train", "heldout"),
+                   help="prompts from the training distribution, or of shape-colour pairs never trained on")
     e.add_argument("--no_ema", action="store_true")
     e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
     e.set_defaults(run=_eval)

@@ -342,6 +342,56 @@ def evaluate_samples(images: Tensor, attributes: Sequence[dict], real_images: Te
     return row
 
 
+EVAL_SEED = 1_000_003  # Shapes seed of the evaluation prompts: scenes apart from training's seed 0
+
+
+def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                      sampler: str = "ddim", seed: int = 0, split: str = "train", batch_size: int = 64,
+                      judge: Judge | None = None) -> dict:
+    """Generate num_samples images from fresh Shapes prompts with an MDMPipeline and score them.
+
+    The prompts are the captions of a ShapesDataset(seed=EVAL_SEED + seed, split) ("heldout" for
+    shape-colour pairs never trained on); the real images for the Fréchet distance are as many
+    other renders of the same split. Returns `evaluate_samples`'s row plus the sampling settings
+    and "sample_s_per_image".
+    """
+    from .data import ShapesDataset
+
+    judge = judge or load_judge()
+    size = pipe.resolutions[0]
+    prompts = ShapesDataset(length=num_samples, image_size=size, seed=EVAL_SEED + seed, split=split)
+    real = ShapesDataset(length=num_samples, image_size=size, seed=EVAL_SEED + seed + 1, split=split)
+    scenes = [prompts.scene(i) for i in range(num_samples)]
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    images = torch.cat([pipe([c for c, _ in scenes[i:i + batch_size]], num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, sampler=sampler, generator=generator,
+                             output_type="pt").images for i in range(0, num_samples, batch_size)])
+    elapsed = time.perf_counter() - start
+    real_images = torch.stack([real[i]["image"] for i in range(num_samples)])
+    row = evaluate_samples(images, [a for _, a in scenes], real_images, judge)
+    return {**row, "split": split, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+            "sampler": sampler, "sample_s_per_image": elapsed / num_samples}
+
+
+def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 256, device: str = "auto", use_ema: bool = True,
+                        **options) -> dict:
+    """`evaluate_pipeline` on a checkpoint (a directory, an output_dir or "shapes"), for `mdm-lite eval`:
+    one flat table with the checkpoint's path and step first. options: those of evaluate_pipeline."""
+    from .checkpoint import load_checkpoint
+    from .sample import MDMPipeline
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.config.get("dataset") != "shapes":
+        raise ValueError(f"{ckpt.path} was trained on {ckpt.config.get('dataset')!r}; the judge reads Shapes "
+                         "images only: evaluate a Shapes checkpoint, or use inception_fid in Python")
+    pipe = MDMPipeline.from_pretrained(ckpt.path, device=device, use_ema=use_ema)
+    row = evaluate_pipeline(pipe, num_samples=num_samples, **options)
+    low, high = row.pop("prompt_accuracy_ci95")
+    return {"checkpoint": str(ckpt.path), "step": ckpt.state.get("step"), **row,
+            "prompt_accuracy_ci95_low": low, "prompt_accuracy_ci95_high": high}
+
+
 # ---------------------------------------------------------------------------------------------
 # Standard Inception FID, through torch-fidelity
 
