@@ -1,5 +1,7 @@
 """The `mdm-lite` command line: a thin layer over TrainConfig, train, MDMPipeline and the metrics.
 
+::
+
     mdm-lite train                                   # the CPU preset on Shapes, a few minutes
     mdm-lite train --preset colab --dataset flickr30k --output_dir runs/flickr
     mdm-lite sample --checkpoint output/checkpoint_latest --prompts "a red circle" "a blue star"

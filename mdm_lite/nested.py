@@ -3,7 +3,7 @@
 A NestedUNet with L levels is a light convolutional *shell* UNet at the full resolution R whose
 bottleneck, at R/2, holds a NestedUNet with L - 1 levels; a one-level NestedUNet is a plain UNet.
 The inner network reads its own noisy low-resolution image through its input conv, and the two
-talk through two zero-initialised 3x3 convs:
+talk through two zero-initialised 3x3 convs::
 
     outer bottleneck features --to_inner-->  added after the inner input conv
     inner last features      --from_inner--> added to the outer bottleneck

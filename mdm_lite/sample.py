@@ -1,5 +1,7 @@
 """Sampling from a trained model: a diffusers-style pipeline and the pictures it makes.
 
+::
+
     from mdm_lite import MDMPipeline
     pipe = MDMPipeline.from_pretrained("output/checkpoint_latest")
     images = pipe(["a red circle in the center", "a small blue star top left"]).images  # PIL images

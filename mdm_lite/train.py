@@ -1,5 +1,7 @@
 """Training: a TrainConfig, its presets, and the loop that trains a NestedUNet on captioned images.
 
+::
+
     from mdm_lite.train import TrainConfig, train
     result = train(TrainConfig(max_steps=300))          # the CPU preset on Shapes
     images = result.pipeline()(["a red circle in the center"]).images
