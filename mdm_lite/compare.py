@@ -36,7 +36,8 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: 
     rows = []
     for name in models:
         config = dataclasses.replace(base, model=configs[name], output_dir=str(Path(output_dir) / name),
-                                     max_steps=None, epochs=10**6, save_freq=10**9, keep_checkpoints=1)
+                                     max_steps=None, epochs=10**6, save_freq=10**9, keep_checkpoints=1,
+                                     num_sample_steps=num_inference_steps)
         for point in range(1, num_points + 1):
             config.max_time_s = budget_s * point / num_points
             result = train(config, progress=False, resume=point > 1)
