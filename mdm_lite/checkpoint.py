@@ -150,9 +150,9 @@ def _point_latest(output_dir: Path, name: str) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """The checkpoint directory that `path` means: a checkpoint directory itself, an output_dir
     (its latest checkpoint), a checkpoint_latest pointer, or the name of a shipped checkpoint
-    (see PRETRAINED)."""
-    if str(path) in PRETRAINED and not Path(path).exists():
-        path = PRETRAINED[str(path)]
+    (see PRETRAINED; the name wins over a local folder of the same name: write ./shapes for that)."""
+    if isinstance(path, str) and path in PRETRAINED:
+        path = PRETRAINED[path]
     path = Path(path)
     if path.is_dir() and (path / LATEST).exists() or (path / LATEST).is_symlink():
         path = path / LATEST

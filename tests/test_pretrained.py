@@ -1,0 +1,26 @@
+"""The Shapes checkpoint shipped in the package loads by name and samples."""
+import json
+
+import torch
+
+from mdm_lite import MDMPipeline
+from mdm_lite.checkpoint import PRETRAINED, load_checkpoint
+
+
+def test_shipped_checkpoint_is_small_safetensors_and_json():
+    path = PRETRAINED["shapes"]
+    assert {p.name for p in path.iterdir()} >= {"ema.safetensors", "config.json", "state.json", "TRAINING.md"}
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin")) and not list(path.glob("*.pkl"))
+    assert sum(p.stat().st_size for p in path.iterdir()) < 8_000_000
+    ckpt = load_checkpoint("shapes")
+    assert ckpt.model is None and ckpt.state["step"] > 0
+    assert json.loads((path / "config.json").read_text())["dataset"] == "shapes"
+
+
+def test_shipped_checkpoint_samples_every_level_by_name():
+    pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
+    out = pipe(["a large red circle in the center on a white background"], num_inference_steps=2, output_type="pt")
+    assert [x.shape[-1] for x in out.levels] == [64, 32, 16]
+    assert out.images.shape == (1, 3, 64, 64) and out.images.abs().max() <= 1
+    again = pipe(["a large red circle in the center on a white background"], num_inference_steps=2, output_type="pt")
+    assert torch.equal(out.images, again.images)
