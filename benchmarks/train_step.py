@@ -7,6 +7,7 @@ fp32 NestedUNet (the reference run).
     python benchmarks/train_step.py [--batch_size 16] [--steps 5] [--preset cpu]
 """
 import argparse
+import resource
 import time
 
 import torch
@@ -42,6 +43,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     args = parser.parse_args()
     torch.manual_seed(0)
     nested_cfg = PRESETS[args.preset]().model
@@ -50,13 +52,15 @@ def main():
     results = {}
     for name, model in models.items():
         n = sum(p.numel() for p in model.parameters())
-        for dtype in ("fp32", "bf16"):
+        for dtype in args.dtypes:
             results[name, dtype] = ips = images_per_second(model, args.batch_size, args.steps, dtype, nested_cfg.inner.text_dim)
             print(f"{name:7s} {n / 1e6:6.2f}M params  {dtype}: {ips:7.1f} images/s")
-    ref = results["nested", "fp32"]
+    ref = results["nested", args.dtypes[0]]
     for key, ips in results.items():
-        print(f"ratio {key[0]}/{key[1]} vs nested/fp32: {ips / ref:.2f}x")
-    print(f"ratio nested vs flat, bf16: {results['nested', 'bf16'] / results['flat', 'bf16']:.2f}x")
+        print(f"ratio {key[0]}/{key[1]} vs nested/{args.dtypes[0]}: {ips / ref:.2f}x")
+    for dtype in args.dtypes:
+        print(f"ratio nested vs flat, {dtype}: {results['nested', dtype] / results['flat', dtype]:.2f}x")
+    print(f"peak memory of this process (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":
