@@ -9,7 +9,7 @@ imperfect generated images too. Its weights ship with the package (assets/judge.
 with the record of how they were trained in assets/judge.json); `train_judge` remakes them.
 
 Fréchet distance (Heusel et al. 2017): fit a Gaussian to the features of each image set and
-compute d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)). `frechet_distance` uses the
+compute ``d^2 = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``. `frechet_distance` uses the
 judge's penultimate features, which know Shapes well and need no download; `inception_fid` is the
 standard FID (Inception-v3 pool features, through torch-fidelity), comparable with papers but
 blind to much of what matters on 64x64 flat shapes.
@@ -299,7 +299,7 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def gaussian_frechet_distance(mu_a: np.ndarray, sigma_a: np.ndarray, mu_b: np.ndarray, sigma_b: np.ndarray) -> float:
-    """Squared Fréchet (2-Wasserstein) distance between N(mu_a, sigma_a) and N(mu_b, sigma_b):
+    """Squared Fréchet (2-Wasserstein) distance between N(mu_a, sigma_a) and N(mu_b, sigma_b)::
 
         |mu_a - mu_b|^2 + tr(sigma_a) + tr(sigma_b) - 2 tr((sigma_a sigma_b)^(1/2)).
 
