@@ -254,7 +254,9 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
 
 def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
     if config.precision == "auto":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # Native bf16 needs compute capability 8 (Ampere) or newer; is_bf16_supported() also says
+        # yes for older GPUs such as Colab's T4, where bf16 is emulated and slow.
+        return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
     return config.precision == "bf16"
 
 
