@@ -161,57 +161,74 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with "(default: X)", except for flags, required options and help that names its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser() -> argparse.ArgumentParser:
+    from .train import cpu_preset
+
     p = argparse.ArgumentParser(prog="mdm-lite", description="Matryoshka Diffusion Models, small enough to read.")
     sub = p.add_subparsers(dest="command", required=True)
+    defaults = cpu_preset()  # what `mdm-lite train` uses for an option not given
 
     t = sub.add_parser("train", help="train a NestedUNet (defaults: the CPU preset on Shapes)")
     t.add_argument("--preset", default="cpu", help="cpu (default), colab or paper")
     t.add_argument("--config", help="a TrainConfig as JSON (e.g. a checkpoint's config.json) instead of a preset")
     t.add_argument("--resume", action="store_true", help="continue the run in --output_dir from checkpoint_latest")
-    t.add_argument("--image_size", type=int, help="side of the largest level (64)")
-    t.add_argument("--num_levels", type=int, help="nesting levels: 1 plain UNet, 2 (64, 32), 3 (64, 32, 16)")
+    t.add_argument("--image_size", type=int, help=f"side of the largest level (cpu preset: {defaults.model.image_size})")
+    t.add_argument("--num_levels", type=int, help="nesting levels: 1 plain UNet, 2 (64, 32), 3 (64, 32, 16) "
+                                                  f"(cpu preset: {defaults.model.num_levels})")
     t.add_argument("--dataset_option", action="append", metavar="KEY=VALUE",
                    help="passed to the dataset loader: path=..., image_column=..., caption_column=..., hub_name=...")
     t.add_argument("--sample_prompts", nargs="+", help="prompts of the sample grid written at each save")
     t.add_argument("--no_progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
     for name, kind in TRAIN_OPTIONS.items():
-        t.add_argument(f"--{name}", type=kind, help=f"TrainConfig.{name}")
+        t.add_argument(f"--{name}", type=kind, help=f"TrainConfig.{name} (cpu preset: {getattr(defaults, name)})")
     t.set_defaults(run=_train)
 
-    s = sub.add_parser("sample", help="generate images from prompts with a trained checkpoint")
+    s = sub.add_parser("sample", help="generate images from prompts with a trained checkpoint",
+                         formatter_class=_ShowDefaults)
     s.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir or checkpoint_latest")
-    s.add_argument("--prompts", nargs="+")
+    s.add_argument("--prompts", nargs="+", help="one or more prompts, each in quotes")
     s.add_argument("--prompts_file", help="a text file with one prompt per line")
-    s.add_argument("--output_dir", default="generated")
-    s.add_argument("--num_inference_steps", type=int, default=50)
-    s.add_argument("--guidance_scale", type=float, default=3.0)
-    s.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
+    s.add_argument("--output_dir", default="generated", help="where sample_0000.png, ... and grid.png go")
+    s.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (network calls)")
+    s.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
+    s.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="reverse process")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
-    s.add_argument("--num_per_prompt", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--num_per_prompt", type=int, default=1, help="images per prompt")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    s.add_argument("--device", default="auto", help="cpu, cuda or auto")
     s.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
     s.add_argument("--save_levels", action="store_true", help="save every nesting level side by side")
     s.set_defaults(run=_sample)
 
-    f = sub.add_parser("prefetch", help="download a dataset into the cache before training")
+    f = sub.add_parser("prefetch", help="download a dataset into the cache before training",
+                         formatter_class=_ShowDefaults)
     f.add_argument("--dataset", required=True, help="flickr30k, tiny-imagenet, or a Hub name")
-    f.add_argument("--split", default="train")
-    f.add_argument("--dataset_option", action="append", metavar="KEY=VALUE")
+    f.add_argument("--split", default="train", help="the dataset split to cache")
+    f.add_argument("--dataset_option", action="append", metavar="KEY=VALUE",
+                   help="passed to the dataset loader: path=..., hub_name=...")
     f.set_defaults(run=_prefetch)
 
-    e = sub.add_parser("eval", help="prompt accuracy and Frechet distance of a Shapes checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--num_samples", type=int, default=256)
-    e.add_argument("--num_inference_steps", type=int, default=50)
-    e.add_argument("--guidance_scale", type=float, default=3.0)
-    e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"))
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="auto")
+    e = sub.add_parser("eval", help="prompt accuracy and Frechet distance of a Shapes checkpoint",
+                         formatter_class=_ShowDefaults)
+    e.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir, or shapes (the shipped one)")
+    e.add_argument("--num_samples", type=int, default=256, help="images to generate and judge")
+    e.add_argument("--num_inference_steps", type=int, default=50, help="DDIM or DDPM steps per image")
+    e.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
+    e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="reverse process")
+    e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--split", default="train", choices=("train", "heldout"),
                    help="prompts from the training distribution, or of shape-colour pairs never trained on")
-    e.add_argument("--no_ema", action="store_true")
+    e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
     e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
     e.set_defaults(run=_eval)
     return p

@@ -168,3 +168,18 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
         _sample(capsys, run, tmp_path / name, "--seed", seed)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     assert (tmp_path / "a" / "sample_0000.png").read_bytes() != (tmp_path / "c" / "sample_0000.png").read_bytes()
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)"]),
+    ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)"]),
+    ("eval", ["(default: 256)", "(default: train)"]),
+])
+def test_help_shows_every_default(command, shown, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+    for fragment in shown:
+        assert fragment in text, fragment
+    assert "(default: None)" not in text and "(default: False)" not in text
