@@ -6,8 +6,8 @@ For a fixed set of single-object Shapes scenes, noised at a few fixed times t wi
 prints the model's v-MSE per level with the true caption and with the same caption in which one
 attribute (position, shape, colour, size or background) is replaced by another value. A model
 that uses a word does worse when the word is wrong; a model that ignores it scores the same.
-It tells, from the loss alone and in seconds, what `mdm-lite eval` tells from samples in minutes,
-and it shows at which noise levels the caption matters (near t = 1, where the image is noise).
+It tells from the loss alone (about 90 s on one CPU thread for the shipped model) what
+`mdm-lite eval` tells from samples, and it shows at which noise levels the caption matters (near t = 1, where the image is noise).
 """
 import argparse
 import random
