@@ -67,6 +67,10 @@ def build_train_config(args: argparse.Namespace):
             config.model = dataclasses.replace(config.model, **model)
         except ValueError as error:
             raise ConfigError(f"{error}; choose an --image_size divisible by 2**(num_levels - 1)") from error
+    if args.time_power is not None:
+        if not args.time_power > 0:
+            raise ConfigError(f"--time_power must be positive (1: uniform times), got {args.time_power}")
+        config.diffusion = dataclasses.replace(config.diffusion, time_power=args.time_power)
     if args.dataset_option:
         options = dict(config.dataset_options)
         for item in args.dataset_option:
@@ -184,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--image_size", type=int, help=f"side of the largest level (cpu preset: {defaults.model.image_size})")
     t.add_argument("--num_levels", type=int, help="nesting levels: 1 plain UNet, 2 (64, 32), 3 (64, 32, 16) "
                                                   f"(cpu preset: {defaults.model.num_levels})")
+    t.add_argument("--time_power", type=float, help="training times t = 1 - (1 - u)^p, u uniform: above 1, more "
+                   f"training at high noise (cpu preset: {defaults.diffusion.time_power})")
     t.add_argument("--dataset_option", action="append", metavar="KEY=VALUE",
                    help="passed to the dataset loader: path=..., image_column=..., caption_column=..., hub_name=...")
     t.add_argument("--sample_prompts", nargs="+", help="prompts of the sample grid written at each save")

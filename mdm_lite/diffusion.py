@@ -39,16 +39,23 @@ class DiffusionConfig:
         loss_weights: per level, outermost first; None weighs every level 1 (the paper's default).
         cond_drop_prob: probability of training a caption as the empty prompt, for classifier-free
             guidance (Ho & Salimans 2022). The MDM reference code has none; we add it.
+        time_power: training times are drawn as t = 1 - (1 - u)^time_power, u uniform in [0, 1).
+            1 is uniform, as in the paper. Larger values spend more of training near t = 1, where
+            the image is noise and only the caption says where the object goes: with 3, 46% of
+            the samples have t > 0.9 instead of 10%. Sampling is unchanged.
     """
 
     prediction: str = "v"
     base_resolution: int = 32
     loss_weights: tuple[float, ...] | None = None
     cond_drop_prob: float = 0.1
+    time_power: float = 1.0
 
     def __post_init__(self):
         if self.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if not self.time_power > 0:
+            raise ValueError(f"time_power must be positive, got {self.time_power}")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
 
@@ -86,6 +93,8 @@ def multires_loss(model: Callable, x0: Tensor, tokens: Tensor | None, mask: Tens
     b = x0.shape[0]
     xs = image_pyramid(x0, num_levels)
     t = torch.rand(b, generator=generator, device="cpu").to(x0.device)
+    if config.time_power != 1.0:  # skew towards high noise; 1 leaves t untouched, bit for bit
+        t = 1 - (1 - t) ** config.time_power
     zs, targets = [], []
     for x in xs:
         logsnr = config.logsnr(t, x.shape[-1])

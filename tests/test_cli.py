@@ -79,6 +79,8 @@ BAD_INPUT = {
                                                                 "--output_dir", tmp / "out"], "out", "image_sise"),
     "batch size 0": (lambda tmp, run, cfg: ["train", "--config", cfg, "--batch_size", "0", "--output_dir", tmp / "out"],
                      "out", "positive integer"),
+    "time_power 0": (lambda tmp, run, cfg: ["train", "--config", cfg, "--time_power", "0", "--output_dir",
+                                            tmp / "out"], "out", "1: uniform"),
     "negative lr": (lambda tmp, run, cfg: ["train", "--config", cfg, "--lr", "-1", "--output_dir", tmp / "out"], "out",
                     "positive number"),
     "no prompts": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts_file", _empty_prompts(tmp),
@@ -171,7 +173,8 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
 
 
 @pytest.mark.parametrize("command, shown", [
-    ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)"]),
+    ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
+               "(cpu preset: 1.0)"]),
     ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)"]),
     ("eval", ["(default: 256)", "(default: train)"]),
 ])

@@ -227,6 +227,27 @@ def test_multires_loss_is_reproducible_with_a_generator():
     assert first == again and first != other
 
 
+def test_time_power_skews_training_times_towards_noise_and_one_leaves_them_alone():
+    seen = {}
+
+    def record(power):
+        def model(zs, t, tokens, mask):
+            seen[power] = t.clone()
+            return [torch.zeros_like(z) for z in zs]
+        return model
+
+    x0 = torch.zeros(20_000, 1, 2, 2)
+    for power in (1.0, 3.0):
+        multires_loss(record(power), x0, None, None, DiffusionConfig(time_power=power), 1,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[1.0], torch.rand(20_000, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(seen[3.0], 1 - (1 - seen[1.0]) ** 3)
+    # P(t > 0.9) = P(1 - u < 0.1 ** (1 / 3)) = 0.464 with power 3, against 0.1 uniform.
+    assert abs((seen[3.0] > 0.9).float().mean().item() - 0.1 ** (1 / 3)) < 0.02
+    with pytest.raises(ValueError, match="time_power"):
+        DiffusionConfig(time_power=0)
+
+
 def test_drop_captions_replaces_captions_with_the_empty_prompt():
     captions = [f"caption {i}" for i in range(2000)]
     assert drop_captions(captions, 0.0) == captions
