@@ -43,6 +43,10 @@ class DiffusionConfig:
             1 is uniform, as in the paper. Larger values spend more of training near t = 1, where
             the image is noise and only the caption says where the object goes: with 3, 46% of
             the samples have t > 0.9 instead of 10%. Sampling is unchanged.
+        time_range: (low, high): the training time above is mapped linearly onto [low, high].
+            (0, 1), the default, leaves it alone; (0.97, 0.97) trains at one noise level only,
+            where the image is noise and the caption is all the model has: a small Shapes model
+            learns where objects go far sooner there than among all noise levels (README).
     """
 
     prediction: str = "v"
@@ -50,12 +54,16 @@ class DiffusionConfig:
     loss_weights: tuple[float, ...] | None = None
     cond_drop_prob: float = 0.1
     time_power: float = 1.0
+    time_range: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
         if self.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
         if not self.time_power > 0:
             raise ValueError(f"time_power must be positive, got {self.time_power}")
+        self.time_range = tuple(float(v) for v in self.time_range)
+        if len(self.time_range) != 2 or not 0.0 <= self.time_range[0] <= self.time_range[1] <= 1.0:
+            raise ValueError(f"time_range must be two times 0 <= low <= high <= 1, got {self.time_range}")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
 
@@ -95,6 +103,9 @@ def multires_loss(model: Callable, x0: Tensor, tokens: Tensor | None, mask: Tens
     t = torch.rand(b, generator=generator, device="cpu").to(x0.device)
     if config.time_power != 1.0:  # skew towards high noise; 1 leaves t untouched, bit for bit
         t = 1 - (1 - t) ** config.time_power
+    if config.time_range != (0.0, 1.0):
+        low, high = config.time_range
+        t = low + (high - low) * t
     zs, targets = [], []
     for x in xs:
         logsnr = config.logsnr(t, x.shape[-1])

@@ -30,6 +30,12 @@ class UNetConfig:
         emb_dim: width of the time embedding (default 4 * channels).
         middle: whether the bottleneck has its own blocks; a NestedUNet shell has none, the inner
             UNet sits there instead.
+        position_embedding: tell every pixel where it is: a fixed 2D sinusoidal embedding of its
+            row and column, projected by a learnt 1x1 conv, is added after the input conv, and
+            the same embedding is added to the inputs of the attention. Convolutions and attention
+            are blind to absolute position except through the zero padding at the border, and
+            near t = 1 the input is noise: where "top left" is must come from somewhere. The
+            Shapes layout runs of the README use it; whether they need it is not measured yet.
     """
 
     resolution: int = 32
@@ -44,6 +50,7 @@ class UNetConfig:
     text_dim: int = 384
     emb_dim: int | None = None
     middle: bool = True
+    position_embedding: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -67,6 +74,18 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     args = 1000.0 * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def position_embedding(height: int, width: int, dim: int) -> Tensor:
+    """2D sinusoidal embedding of pixel positions (Vaswani et al. 2017, in ViT's 2D form).
+
+    The first dim/2 channels embed the row index, the rest the column index, with the time
+    embedding's frequencies. Returns (dim, height * width), row-major like a flattened (C, H, W) map.
+    """
+    rows = timestep_embedding(torch.arange(height) / 1000.0, dim // 2)  # (H, dim/2); t*1000 = index
+    cols = timestep_embedding(torch.arange(width) / 1000.0, dim - dim // 2)  # (W, dim - dim/2)
+    grid = torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], dim=-1)
+    return grid.reshape(height * width, dim).T.contiguous()
 
 
 def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
@@ -138,12 +157,15 @@ class AttentionBlock(nn.Module):
     """Self-attention over the pixels, then cross-attention from the pixels to the text tokens.
 
     Padding tokens are masked out of the cross-attention: a short caption padded to the batch's
-    longest must mean the same as the caption alone.
+    longest must mean the same as the caption alone. With `position`, the 2D embedding of
+    `position_embedding` is added to the normalised pixels that make the queries, keys and values,
+    so a pixel can attend to "top left" in the caption according to where it is.
     """
 
-    def __init__(self, channels: int, head_dim: int, text_dim: int):
+    def __init__(self, channels: int, head_dim: int, text_dim: int, position: bool = False):
         super().__init__()
         self.heads = max(1, channels // head_dim)
+        self.position = position
         self.norm = norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -161,11 +183,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
         flat = x.reshape(b, c, h * w)
-        q, k, v = self.qkv(self.norm(x).reshape(b, c, h * w)).chunk(3, dim=1)
+        pos = position_embedding(h, w, c).to(x) if self.position else 0.0
+        q, k, v = self.qkv(self.norm(x).reshape(b, c, h * w) + pos).chunk(3, dim=1)
         a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         flat = flat + self.out(a.transpose(2, 3).reshape(b, c, h * w))
         if tokens is not None and hasattr(self, "cross_q"):
-            q = self._heads(self.cross_q(self.cross_norm(flat.reshape(b, c, h, w)).reshape(b, c, h * w)))
+            q = self._heads(self.cross_q(self.cross_norm(flat.reshape(b, c, h, w)).reshape(b, c, h * w) + pos))
             k, v = self.cross_kv(tokens).transpose(1, 2).chunk(2, dim=1)
             attn_mask = None if mask is None else mask[:, None, None, :]
             a = F.scaled_dot_product_attention(q, self._heads(k), self._heads(v), attn_mask=attn_mask)
@@ -198,7 +221,7 @@ class Stage(nn.Module):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, cfg.emb_dim, cfg.dropout)
         use_attn = resolution in cfg.attention_resolutions
-        self.attn = AttentionBlock(out_ch, cfg.head_dim, cfg.text_dim) if use_attn else None
+        self.attn = AttentionBlock(out_ch, cfg.head_dim, cfg.text_dim, cfg.position_embedding) if use_attn else None
 
     def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
         x = self.res(x, emb)
@@ -222,6 +245,10 @@ class UNet(nn.Module):
         chans = [cfg.channels * m for m in cfg.channel_mult]
         self.conditioning = Conditioning(cfg.channels, cfg.emb_dim, cfg.text_dim) if with_conditioning else None
         self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+        if cfg.position_embedding:  # (1, 32, R, R), rebuilt on load rather than saved
+            table = position_embedding(cfg.resolution, cfg.resolution, 32)
+            self.register_buffer("pos_table", table.reshape(1, 32, cfg.resolution, cfg.resolution), persistent=False)
+            self.pos_proj = nn.Conv2d(32, chans[0], 1)
 
         self.down = nn.ModuleList()
         skip_chans, ch, res = [chans[0]], chans[0], cfg.resolution
@@ -255,6 +282,8 @@ class UNet(nn.Module):
     def body(self, x, emb, tokens=None, mask=None, inject=None, middle=None) -> tuple[Tensor, Tensor]:
         """Returns (prediction (B, out_channels, R, R), last features (B, channels, R, R))."""
         h = self.conv_in(x)
+        if self.config.position_embedding:
+            h = h + self.pos_proj(self.pos_table)
         if inject is not None:
             h = h + inject
         skips = [h]

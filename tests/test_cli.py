@@ -81,6 +81,8 @@ BAD_INPUT = {
                      "out", "positive integer"),
     "time_power 0": (lambda tmp, run, cfg: ["train", "--config", cfg, "--time_power", "0", "--output_dir",
                                             tmp / "out"], "out", "1: uniform"),
+    "time_range reversed": (lambda tmp, run, cfg: ["train", "--config", cfg, "--time_range", "0.9", "0.5",
+                                                   "--output_dir", tmp / "out"], "out", "--time_range 0.97 0.97"),
     "negative lr": (lambda tmp, run, cfg: ["train", "--config", cfg, "--lr", "-1", "--output_dir", tmp / "out"], "out",
                     "positive number"),
     "no prompts": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts_file", _empty_prompts(tmp),
@@ -174,7 +176,7 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
 
 @pytest.mark.parametrize("command, shown", [
     ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
-               "(cpu preset: 1.0)"]),
+               "(cpu preset: 1.0)", "(cpu preset: 0.0 1.0)"]),
     ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)"]),
     ("eval", ["(default: 256)", "(default: train)"]),
 ])

@@ -248,6 +248,25 @@ def test_time_power_skews_training_times_towards_noise_and_one_leaves_them_alone
         DiffusionConfig(time_power=0)
 
 
+def test_time_range_maps_the_training_times_and_a_point_fixes_them():
+    seen = []
+
+    def model(zs, t, tokens, mask):
+        seen.append(t.clone())
+        return [torch.zeros_like(z) for z in zs]
+
+    x0 = torch.zeros(1000, 1, 2, 2)
+    for time_range in ((0.0, 1.0), (0.5, 0.9), (0.97, 0.97)):
+        multires_loss(model, x0, None, None, DiffusionConfig(time_range=time_range), 1,
+                      generator=torch.Generator().manual_seed(0))
+    uniform, band, point = seen
+    torch.testing.assert_close(band, 0.5 + 0.4 * uniform)
+    assert torch.equal(point, torch.full_like(point, 0.97))
+    for bad in ((0.9, 0.5), (-0.1, 1.0), (0.5,)):
+        with pytest.raises(ValueError, match="time_range"):
+            DiffusionConfig(time_range=bad)
+
+
 def test_drop_captions_replaces_captions_with_the_empty_prompt():
     captions = [f"caption {i}" for i in range(2000)]
     assert drop_captions(captions, 0.0) == captions

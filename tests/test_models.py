@@ -66,6 +66,37 @@ def test_unet_output_depends_on_time_and_text():
     assert not torch.allclose(out, model(x, t, *text(2, seed=1)))
 
 
+def test_position_embedding_gives_every_pixel_its_own_code():
+    from mdm_lite.unet import position_embedding
+    table = position_embedding(16, 16, 32)
+    assert table.shape == (32, 256)
+    distances = torch.cdist(table.T, table.T)
+    assert distances[~torch.eye(256, dtype=torch.bool)].min() > 0.01
+
+
+def test_position_embedding_tells_apart_pixels_that_convolutions_cannot():
+    # A flat input looks the same to every convolution at pixels further from the border than
+    # the receptive field (about 12 pixels here: 12 3x3 convs, no downsampling, no attention);
+    # only the embedding tells them apart.
+    flat = torch.zeros(1, 3, 32, 32)
+    for with_position in (False, True):
+        model = perturbed(UNet(tiny_unet_config(resolution=32, channel_mult=(1,), attention_resolutions=(),
+                                                position_embedding=with_position)))
+        emb = model.condition(torch.tensor([0.5]), *text(1))
+        features = model.body(flat, emb, *text(1))[1][0, :, 14:18, 14:18]
+        spread = (features - features[:, :1, :1]).abs().max()
+        assert (spread > 1e-3) if with_position else (spread < 1e-5), (with_position, spread)
+
+
+def test_position_embedding_is_rebuilt_on_load_not_saved():
+    model = perturbed(UNet(tiny_unet_config(resolution=16, position_embedding=True)))
+    assert "pos_table" not in model.state_dict() and "pos_proj.weight" in model.state_dict()
+    again = UNet(tiny_unet_config(resolution=16, position_embedding=True))
+    again.load_state_dict(model.state_dict())
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    assert torch.equal(model(x, t, *text(2)), again(x, t, *text(2)))
+
+
 def test_unet_ignores_padding_tokens():
     # A caption padded to a longer batch (mask False, arbitrary values) must mean the same.
     model = perturbed(UNet(tiny_unet_config(resolution=8)))
