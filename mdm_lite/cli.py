@@ -67,15 +67,9 @@ def build_train_config(args: argparse.Namespace):
             config.model = dataclasses.replace(config.model, **model)
         except ValueError as error:
             raise ConfigError(f"{error}; choose an --image_size divisible by 2**(num_levels - 1)") from error
-    if args.time_power is not None:
-        if not args.time_power > 0:
-            raise ConfigError(f"--time_power must be positive (1: uniform times), got {args.time_power}")
-        config.diffusion = dataclasses.replace(config.diffusion, time_power=args.time_power)
-    if args.time_range is not None:
-        low, high = args.time_range
-        if not 0.0 <= low <= high <= 1.0:
-            raise ConfigError(f"--time_range needs 0 <= LOW <= HIGH <= 1, e.g. --time_range 0.97 0.97; got {low} {high}")
-        config.diffusion = dataclasses.replace(config.diffusion, time_range=(low, high))
+    diffusion = {k: getattr(args, k) for k in ("time_power", "time_range") if getattr(args, k) is not None}
+    if diffusion:  # DiffusionConfig checks the values
+        config.diffusion = dataclasses.replace(config.diffusion, **diffusion)
     if args.dataset_option:
         options = dict(config.dataset_options)
         for item in args.dataset_option:

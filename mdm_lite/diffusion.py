@@ -60,10 +60,11 @@ class DiffusionConfig:
         if self.prediction not in ("v", "eps"):
             raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
         if not self.time_power > 0:
-            raise ValueError(f"time_power must be positive, got {self.time_power}")
+            raise ValueError(f"time_power must be positive (1: uniform times), got {self.time_power}")
         self.time_range = tuple(float(v) for v in self.time_range)
         if len(self.time_range) != 2 or not 0.0 <= self.time_range[0] <= self.time_range[1] <= 1.0:
-            raise ValueError(f"time_range must be two times 0 <= low <= high <= 1, got {self.time_range}")
+            raise ValueError(f"time_range must be two times 0 <= low <= high <= 1 (e.g. 0.97 0.97 for one "
+                             f"noise level), got {self.time_range}")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
 

@@ -82,7 +82,7 @@ BAD_INPUT = {
     "time_power 0": (lambda tmp, run, cfg: ["train", "--config", cfg, "--time_power", "0", "--output_dir",
                                             tmp / "out"], "out", "1: uniform"),
     "time_range reversed": (lambda tmp, run, cfg: ["train", "--config", cfg, "--time_range", "0.9", "0.5",
-                                                   "--output_dir", tmp / "out"], "out", "--time_range 0.97 0.97"),
+                                                   "--output_dir", tmp / "out"], "out", "0.97 0.97 for one"),
     "negative lr": (lambda tmp, run, cfg: ["train", "--config", cfg, "--lr", "-1", "--output_dir", tmp / "out"], "out",
                     "positive number"),
     "no prompts": (lambda tmp, run, cfg: ["sample", "--checkpoint", run, "--prompts_file", _empty_prompts(tmp),
