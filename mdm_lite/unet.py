@@ -35,7 +35,7 @@ class UNetConfig:
             the same embedding is added to the inputs of the attention. Convolutions and attention
             are blind to absolute position except through the zero padding at the border, and
             near t = 1 the input is noise: where "top left" is must come from somewhere. The
-            Shapes layout runs of the README use it; whether they need it is not measured yet.
+            shipped Shapes checkpoint uses it; whether it needs it is not measured yet.
     """
 
     resolution: int = 32
@@ -157,15 +157,19 @@ class AttentionBlock(nn.Module):
     """Self-attention over the pixels, then cross-attention from the pixels to the text tokens.
 
     Padding tokens are masked out of the cross-attention: a short caption padded to the batch's
-    longest must mean the same as the caption alone. With `position`, the 2D embedding of
-    `position_embedding` is added to the normalised pixels that make the queries, keys and values,
-    so a pixel can attend to "top left" in the caption according to where it is.
+    longest must mean the same as the caption alone. With `position_size` (the side of the square
+    feature map), the 2D embedding of `position_embedding` is added to the normalised pixels that
+    make the queries, keys and values, so a pixel can attend to "top left" in the caption according
+    to where it is.
     """
 
-    def __init__(self, channels: int, head_dim: int, text_dim: int, position: bool = False):
+    def __init__(self, channels: int, head_dim: int, text_dim: int, position_size: int | None = None):
         super().__init__()
         self.heads = max(1, channels // head_dim)
-        self.position = position
+        if position_size is not None:  # (C, size * size), built once, not saved
+            self.register_buffer("pos", position_embedding(position_size, position_size, channels), persistent=False)
+        else:
+            self.pos = None
         self.norm = norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.out = zero_module(nn.Conv1d(channels, channels, 1))
@@ -183,7 +187,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         b, c, h, w = x.shape
         flat = x.reshape(b, c, h * w)
-        pos = position_embedding(h, w, c).to(x) if self.position else 0.0
+        pos = 0.0 if self.pos is None else self.pos.to(x.dtype)
         q, k, v = self.qkv(self.norm(x).reshape(b, c, h * w) + pos).chunk(3, dim=1)
         a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         flat = flat + self.out(a.transpose(2, 3).reshape(b, c, h * w))
@@ -221,7 +225,8 @@ class Stage(nn.Module):
         super().__init__()
         self.res = ResBlock(in_ch, out_ch, cfg.emb_dim, cfg.dropout)
         use_attn = resolution in cfg.attention_resolutions
-        self.attn = AttentionBlock(out_ch, cfg.head_dim, cfg.text_dim, cfg.position_embedding) if use_attn else None
+        position_size = resolution if cfg.position_embedding else None
+        self.attn = AttentionBlock(out_ch, cfg.head_dim, cfg.text_dim, position_size) if use_attn else None
 
     def forward(self, x: Tensor, emb: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
         x = self.res(x, emb)
