@@ -201,12 +201,22 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halve the resolution: 2x2 average pooling, then a 3x3 conv.
+
+    Pixel j of the result covers input pixels 2j and 2j + 1, exactly as the average-pooled image
+    pyramid of MDM's loss (Sec. 3.1), so a shell's bottleneck lines up with the inner level's image
+    and with `Upsample`'s nearest-neighbour copy back to 2j and 2j + 1. The usual stride-2 3x3 conv
+    centres pixel j on input 2j instead: half a pixel towards the top left, and its last output row
+    sees no padding while its first does. That left the 64x64 level with noisy bottom rows and
+    left columns; this layout is the same under a mirror flip (tests/test_models.py).
+    """
+
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.avg_pool2d(x, 2))
 
 
 class Upsample(nn.Module):

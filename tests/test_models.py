@@ -227,6 +227,32 @@ def test_wrap_keeps_the_inner_levels_predictions():
     assert outs[0].abs().max() == 0  # the new level starts at zero, like any fresh output conv
 
 
+def mirrored(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model with every conv kernel flipped left-right (1x1 kernels and linears unchanged)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(m.weight.flip(-1))
+    return model
+
+
+@pytest.mark.parametrize("num_levels", [2, 3])
+def test_a_mirrored_model_on_a_mirrored_pyramid_predicts_the_mirrored_images(num_levels):
+    # Convolutions with zero padding, nearest upsampling, GroupNorm and attention without a position
+    # embedding all commute with a left-right flip once the kernels are flipped too; so does the
+    # average-pooled pyramid. A layer that samples the grid off-centre (a stride-2 3x3 conv centres
+    # output j on input 2j, not 2j + 0.5) breaks it at every level it touches, and that is what
+    # left a noisy bottom row and left column on the 64x64 samples. Float32 reorderings give ~1e-6.
+    config = tiny_nested_config(32, num_levels)
+    model = perturbed(NestedUNet(config), scale=0.2)
+    zs, t, (tokens, mask) = noisy_pyramid(config.resolutions), torch.rand(2), text(2)
+    with torch.no_grad():
+        outs = model(zs, t, tokens, mask)
+        flipped = mirrored(model)([z.flip(-1) for z in zs], t, tokens, mask)
+    for got, want in zip(flipped, outs):
+        torch.testing.assert_close(got, want.flip(-1), rtol=1e-4, atol=1e-5)
+
+
 def test_wrap_refuses_a_mismatched_inner_model():
     inner = NestedUNet(tiny_nested_config(16, 2))
     with pytest.raises(ValueError, match="cannot wrap"):
