@@ -153,11 +153,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                sampler=args.sampler, seed=args.seed, split=args.split, device=args.device,
+                                sampler=args.sampler, seed=args.seed, prompt_sets=args.prompts, device=args.device,
                                 use_ema=not args.no_ema)
-    width = max(len(k) for k in table)
-    for key, value in table.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    print(f"checkpoint {table['checkpoint']} (step {table['step']})")
+    sets = table["sets"]
+    keys = [k for k in next(iter(sets.values())) if k not in ("split", "phrasing")]
+    width = max(len(k) for k in keys)
+    print(f"{'prompts':<{width}}" + "".join(f"  {name:>10}" for name in sets))
+    for key in keys:
+        cells = [sets[name][key] for name in sets]
+        print(f"{key:<{width}}" + "".join(f"  {v:>10.4f}" if isinstance(v, float) else f"  {v!s:>10}" for v in cells))
     output = Path(args.output) if args.output else Path(table["checkpoint"]) / "eval.json"
     output.write_text(json.dumps(table, indent=2))
     print(f"wrote {output}")
@@ -234,8 +239,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="reverse process")
     e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    e.add_argument("--split", default="train", choices=("train", "heldout"),
-                   help="prompts from the training distribution, or of shape-colour pairs never trained on")
+    e.add_argument("--prompts", nargs="+", default=["train", "phrasing", "pairs"],
+                   choices=("train", "phrasing", "pairs"),
+                   help="prompt sets: training-style captions, phrasings training never saw, shape-colour "
+                   "pairs training never saw")
     e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
     e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
     e.set_defaults(run=_eval)

@@ -259,9 +259,11 @@ def prompt_accuracy(images: Tensor, attributes: Sequence[dict], judge: Judge | N
     """How often the judge reads back the prompt an image was made from.
 
     images: (N, 3, 64, 64) in [-1, 1]; attributes: the N one-object scenes they were prompted with.
-    Returns {"n", "accuracy": fraction of images with every attribute right, "ci95": its Wilson
-    interval, "per_attribute": {attribute: fraction right}, "per_attribute_ci95": {attribute: interval},
-    "predicted": the judge's reading, {attribute: N class names}}.
+    Only the attributes a prompt states are scored (a scene's "stated" list; all five without one):
+    "a red star" is right with any size, position and background.
+    Returns {"n", "accuracy": fraction of images with every stated attribute right, "ci95": its
+    Wilson interval, "per_attribute": {attribute: fraction right among the prompts that state it},
+    "per_attribute_n", "per_attribute_ci95", "predicted": the judge's reading, {attribute: N class names}}.
     """
     if len(images) != len(attributes):
         raise ValueError(f"{len(images)} images but {len(attributes)} attribute dicts")
@@ -270,12 +272,16 @@ def prompt_accuracy(images: Tensor, attributes: Sequence[dict], judge: Judge | N
     predicted = judge.predict(images)
     right = torch.stack([torch.tensor([ATTRIBUTES[name].index(p) for p in predicted[name]]) == labels[:, i]
                          for i, name in enumerate(ATTRIBUTES)], 1)
+    stated = torch.tensor([[name in a.get("stated", ATTRIBUTES) for name in ATTRIBUTES] for a in attributes],
+                          dtype=torch.bool).reshape(len(attributes), len(ATTRIBUTES))
     n = len(images)
-    all_right = int(right.all(1).sum())
-    per = {name: int(right[:, i].sum()) for i, name in enumerate(ATTRIBUTES)}
+    all_right = int((right | ~stated).all(1).sum())
+    per = {name: int((right[:, i] & stated[:, i]).sum()) for i, name in enumerate(ATTRIBUTES)}
+    per_n = {name: int(stated[:, i].sum()) for i, name in enumerate(ATTRIBUTES)}
     return {"n": n, "accuracy": all_right / n if n else float("nan"), "ci95": wilson_interval(all_right, n),
-            "per_attribute": {name: k / n if n else float("nan") for name, k in per.items()},
-            "per_attribute_ci95": {name: wilson_interval(k, n) for name, k in per.items()},
+            "per_attribute": {name: k / per_n[name] if per_n[name] else float("nan") for name, k in per.items()},
+            "per_attribute_n": per_n,
+            "per_attribute_ci95": {name: wilson_interval(k, per_n[name]) for name, k in per.items()},
             "predicted": predicted}
 
 
@@ -337,29 +343,38 @@ def evaluate_samples(images: Tensor, attributes: Sequence[dict], real_images: Te
     scores = prompt_accuracy(images, attributes, judge)
     row = {"n": scores["n"], "prompt_accuracy": scores["accuracy"], "prompt_accuracy_ci95": scores["ci95"]}
     row |= {f"{name}_accuracy": value for name, value in scores["per_attribute"].items()}
+    row |= {f"{name}_n": value for name, value in scores["per_attribute_n"].items()}
     if real_images is not None:
         row["judge_fd"] = frechet_distance(images, real_images, judge)
     return row
 
 
 EVAL_SEED = 1_000_003  # Shapes seed of the evaluation prompts: scenes apart from training's seed 0
+# The prompt sets of `mdm-lite eval`: training-style prompts, the same kind of scenes in phrasings
+# that training never sees, and shape-colour pairs that training never sees.
+PROMPT_SETS = {
+    "train": {"split": "train", "phrasing": "train"},
+    "phrasing": {"split": "train", "phrasing": "heldout"},
+    "pairs": {"split": "heldout", "phrasing": "train"},
+}
 
 
 def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                      sampler: str = "ddim", seed: int = 0, split: str = "train", batch_size: int = 64,
-                      judge: Judge | None = None) -> dict:
+                      sampler: str = "ddim", seed: int = 0, split: str = "train", phrasing: str = "train",
+                      batch_size: int = 64, judge: Judge | None = None) -> dict:
     """Generate num_samples images from fresh Shapes prompts with an MDMPipeline and score them.
 
-    The prompts are the captions of a ShapesDataset(seed=EVAL_SEED + seed, split) ("heldout" for
-    shape-colour pairs never trained on); the real images for the Fréchet distance are as many
-    other renders of the same split. Returns `evaluate_samples`'s row plus the sampling settings
-    and "sample_s_per_image".
+    The prompts are the captions of a ShapesDataset(seed=EVAL_SEED + seed, split, phrasing)
+    ("heldout" split: shape-colour pairs never trained on; "heldout" phrasing: captions in words
+    training never uses); the real images for the Fréchet distance are as many other renders of
+    the same split. Returns `evaluate_samples`'s row plus the sampling settings and "sample_s_per_image".
     """
     from .data import ShapesDataset
 
     judge = judge or load_judge()
     size = pipe.resolutions[0]
-    prompts = ShapesDataset(length=num_samples, image_size=size, seed=EVAL_SEED + seed, split=split)
+    prompts = ShapesDataset(length=num_samples, image_size=size, seed=EVAL_SEED + seed, split=split,
+                            phrasing=phrasing)
     real = ShapesDataset(length=num_samples, image_size=size, seed=EVAL_SEED + seed + 1, split=split)
     scenes = [prompts.scene(i) for i in range(num_samples)]
     generator = torch.Generator().manual_seed(seed)
@@ -370,26 +385,33 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = 5
     elapsed = time.perf_counter() - start
     real_images = torch.stack([real[i]["image"] for i in range(num_samples)])
     row = evaluate_samples(images, [a for _, a in scenes], real_images, judge)
-    return {**row, "split": split, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-            "sampler": sampler, "sample_s_per_image": elapsed / num_samples}
+    return {**row, "split": split, "phrasing": phrasing, "num_inference_steps": num_inference_steps,
+            "guidance_scale": guidance_scale, "sampler": sampler, "sample_s_per_image": elapsed / num_samples}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 256, device: str = "auto", use_ema: bool = True,
-                        **options) -> dict:
-    """`evaluate_pipeline` on a checkpoint (a directory, an output_dir or "shapes"), for `mdm-lite eval`:
-    one flat table with the checkpoint's path and step first. options: those of evaluate_pipeline."""
+                        prompt_sets: Sequence[str] = tuple(PROMPT_SETS), **options) -> dict:
+    """`evaluate_pipeline` on a checkpoint (a directory, an output_dir or "shapes") for each of
+    `prompt_sets` (keys of PROMPT_SETS), for `mdm-lite eval`. Returns {"checkpoint", "step",
+    "sets": {name: evaluate_pipeline's row, with its interval as ci95_low / ci95_high}}."""
     from .checkpoint import load_checkpoint
     from .sample import MDMPipeline
 
+    unknown = [name for name in prompt_sets if name not in PROMPT_SETS]
+    if unknown:
+        raise ValueError(f"unknown prompt sets {unknown}: use {', '.join(PROMPT_SETS)}")
     ckpt = load_checkpoint(checkpoint)
     if ckpt.config.get("dataset") != "shapes":
         raise ValueError(f"{ckpt.path} was trained on {ckpt.config.get('dataset')!r}; the judge reads Shapes "
                          "images only: evaluate a Shapes checkpoint, or use inception_fid in Python")
     pipe = MDMPipeline.from_pretrained(ckpt.path, device=device, use_ema=use_ema)
-    row = evaluate_pipeline(pipe, num_samples=num_samples, **options)
-    low, high = row.pop("prompt_accuracy_ci95")
-    return {"checkpoint": str(ckpt.path), "step": ckpt.state.get("step"), **row,
-            "prompt_accuracy_ci95_low": low, "prompt_accuracy_ci95_high": high}
+    judge = load_judge()
+    sets = {}
+    for name in prompt_sets:
+        row = evaluate_pipeline(pipe, num_samples=num_samples, judge=judge, **PROMPT_SETS[name], **options)
+        low, high = row.pop("prompt_accuracy_ci95")
+        sets[name] = {**row, "prompt_accuracy_ci95_low": low, "prompt_accuracy_ci95_high": high}
+    return {"checkpoint": str(ckpt.path), "step": ckpt.state.get("step"), "sets": sets}
 
 
 # ---------------------------------------------------------------------------------------------

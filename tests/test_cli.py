@@ -178,7 +178,7 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
     ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
                "(cpu preset: 1.0)", "(cpu preset: 0.0 1.0)"]),
     ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)"]),
-    ("eval", ["(default: 256)", "(default: train)"]),
+    ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])"]),
 ])
 def test_help_shows_every_default(command, shown, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -86,13 +86,14 @@ def test_noise_scores_at_chance(judge, real):
     noise = torch.rand(N, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     scores = prompt_accuracy(noise, attributes, judge)
     predicted = scores["predicted"]
-    for name, classes in ATTRIBUTES.items():
+    for name, classes in ATTRIBUTES.items():  # scored over the prompts that state the attribute
+        n = scores["per_attribute_n"][name]
         q = np.array([predicted[name].count(c) for c in classes]) / N
-        p = np.array([[a[name] for a in attributes].count(c) for c in classes]) / N
+        p = np.array([[a[name] for a in attributes if name in a["stated"]].count(c) for c in classes]) / n
         chance = float(q @ p)
         if name != "colour":
             assert chance == pytest.approx(1 / len(classes), abs=0.05), name  # near-uniform prompts
-        assert abs(scores["per_attribute"][name] - chance) < 4.5 * math.sqrt(chance * (1 - chance) / N), name
+        assert abs(scores["per_attribute"][name] - chance) < 4.5 * math.sqrt(chance * (1 - chance) / n), name
     assert scores["accuracy"] < 0.02
     low, high = scores["ci95"]
     assert low <= scores["accuracy"] <= high
@@ -104,6 +105,18 @@ def test_predict_returns_class_names_per_attribute(judge, real):
     assert set(predicted) == set(ATTRIBUTES)
     assert predicted["shape"] == [a["shape"] for a in attributes[:5]]
     assert judge.features(images[:5]).shape == (5, judge.config.feature_dim)
+
+
+def test_prompt_accuracy_scores_only_the_attributes_a_prompt_states(judge, real):
+    images, attributes = real
+    scene = {k: v for k, v in attributes[0].items() if k != "stated"}
+    other_background = next(b for b in ("black", "white", "gray") if b != scene["background"])
+    wrong = {**scene, "background": other_background}
+    assert prompt_accuracy(images[:1], [wrong], judge)["accuracy"] == 0.0  # all five stated
+    unstated = {**wrong, "stated": ["shape", "colour", "size", "position"]}
+    scores = prompt_accuracy(images[:1], [unstated], judge)
+    assert scores["accuracy"] == 1.0
+    assert scores["per_attribute_n"]["background"] == 0
 
 
 def test_prompt_accuracy_rejects_two_object_scenes_and_mismatched_lengths(judge, real):

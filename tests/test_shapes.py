@@ -37,15 +37,16 @@ def _read_object(match: re.Match, prefix: str = "") -> dict:
 
 
 def _read_caption(caption: str) -> dict:
-    """Attributes read back from a caption, in the layout of the dataset's attributes."""
-    background = _value(_BACKGROUND.search(caption)[1], S.BACKGROUND_WORDS)
+    """A two-object caption read back, in the layout of the dataset's attributes."""
     pair = _PAIR.search(caption)
-    if pair is None:
-        (obj,) = list(_SINGLE.finditer(caption))
-        (position,) = _POSITION.findall(caption)
-        return _read_object(obj) | {"position": _value(position, S.POSITION_PHRASES), "background": background}
+    background = _value(_BACKGROUND.search(caption)[1], S.BACKGROUND_WORDS)
     return {"objects": [_read_object(pair, "a_"), _read_object(pair, "b_")],
             "relation": _value(pair["relation"], S.RELATION_PHRASES), "background": background}
+
+
+def _stated_values(attributes: dict) -> dict:
+    """What a one-object caption should say: each attribute's value, None where it is left out."""
+    return {name: attributes[name] if name in attributes["stated"] else None for name in S.ATTRIBUTE_NAMES}
 
 
 def _without_positions(attributes: dict) -> dict:
@@ -106,11 +107,55 @@ def test_object_colours_stand_out_from_every_background():
         assert np.linalg.norm(np.subtract(colour, background)) > 90
 
 
-def test_single_object_captions_state_exactly_the_attributes():
-    data = ShapesDataset(length=400, difficulty="single")
+@pytest.mark.parametrize("phrasing", S.PHRASINGS)
+def test_single_object_captions_state_exactly_their_stated_attributes(phrasing):
+    data = ShapesDataset(length=1000, difficulty="single", phrasing=phrasing)
     for index in range(len(data)):
         caption, attributes = data.scene(index)
-        assert _read_caption(caption) == attributes, caption
+        assert S.read_caption(caption) == _stated_values(attributes), caption
+
+
+def test_captions_leave_attributes_out_at_their_rates_and_always_name_the_shape():
+    # 4,000 captions: a binomial rate p has a standard error of at most 0.008, so 0.03 is > 3.5 sigma.
+    scenes = [ShapesDataset(length=4000).scene(i)[1] for i in range(4000)]
+    assert all("shape" in a["stated"] for a in scenes)
+    for name, p in S.OMIT_PROBABILITY.items():
+        omitted = np.mean([name not in a["stated"] for a in scenes])
+        assert abs(omitted - p) < 0.03, (name, omitted, p)
+
+
+def test_training_captions_never_use_a_heldout_phrasing():
+    heldout_words = {w for ws in S.HELDOUT_SIZE_WORDS.values() for w in ws}
+    heldout_positions = {p for ps in S.HELDOUT_POSITION_PHRASES.values() for p in ps}
+    positions = S._phrase_pattern(S._merged(S.POSITION_PHRASES, S.HELDOUT_POSITION_PHRASES))
+    openings = [t.split("{")[0] for t in S.HELDOUT_TEMPLATES if not t.startswith("{")]
+    for index in range(3000):
+        caption = ShapesDataset(length=3000).scene(index)[0]
+        assert not heldout_words & set(caption.split()), caption
+        assert not heldout_positions & set(positions.findall(caption)), caption
+        assert not any(caption.startswith(o) for o in openings), caption
+        assert not any(b.split("{")[-1] and b.split("{")[-1].strip() in caption.split()
+                       for b in S.HELDOUT_BACKGROUND_PHRASES), caption
+
+
+def test_heldout_phrasings_describe_the_same_scenes_in_other_words():
+    train, heldout = ShapesDataset(length=200), ShapesDataset(length=200, phrasing="heldout")
+    # A template's own words, in order, whatever fills (or leaves out) its slots.
+    templates = [re.compile(".*".join(re.escape(w.strip(" ,")) for w in re.split(r"\{\w+\}", t) if w.strip(" ,")))
+                 for t in S.HELDOUT_TEMPLATES]
+    for index in range(200):
+        (caption_a, a), (caption_b, b) = train.scene(index), heldout.scene(index)
+        assert {k: v for k, v in a.items() if k != "stated"} == {k: v for k, v in b.items() if k != "stated"}
+        assert caption_a != caption_b
+        assert any(t.match(caption_b) for t in templates), caption_b
+
+
+def test_the_readme_and_book_prompts_read_back_as_meant():
+    assert S.read_caption("a small blue star top left") == {
+        "shape": "star", "colour": "blue", "size": "small", "position": "top left", "background": None}
+    assert S.read_caption("a large red circle in the center") == {
+        "shape": "circle", "colour": "red", "size": "large", "position": "center", "background": None}
+    assert S.read_caption("a big green heart upper-left on black")["position"] == "top left"
 
 
 def test_two_object_captions_state_both_objects_their_relation_and_the_background():
@@ -119,7 +164,7 @@ def test_two_object_captions_state_both_objects_their_relation_and_the_backgroun
     for index in range(len(data)):
         caption, attributes = data.scene(index)
         if "objects" not in attributes:
-            assert _read_caption(caption) == attributes, caption
+            assert S.read_caption(caption) == _stated_values(attributes), caption
             continue
         pairs += 1
         read = _read_caption(caption)
@@ -145,7 +190,8 @@ def test_one_scene_is_described_in_several_phrasings():
     attributes = {"shape": "star", "colour": "purple", "size": "small", "position": "top", "background": "gray"}
     captions = {caption_for(attributes, random.Random(i)) for i in range(50)}
     assert len(captions) > 10
-    assert all(_read_caption(c) == attributes for c in captions)
+    for caption in captions:  # each names its attributes rightly, or leaves them out
+        assert all(v in (None, attributes[k]) for k, v in S.read_caption(caption).items()), caption
 
 
 def test_without_a_generator_the_caption_is_canonical():
@@ -190,7 +236,7 @@ def test_heldout_prompts_are_deterministic_heldout_scenes():
     prompts = heldout_prompts(20, seed=1)
     assert prompts == heldout_prompts(20, seed=1)
     assert prompts == [ShapesDataset(length=20, seed=1, split="heldout").scene(i) for i in range(20)]
-    assert all(_read_caption(caption) == attributes for caption, attributes in prompts)
+    assert all(S.read_caption(caption) == _stated_values(attributes) for caption, attributes in prompts)
 
 
 def test_config_and_keyword_arguments_build_the_same_dataset():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 
 import numpy as np
 import torch
@@ -77,11 +78,14 @@ _PAIRS = {
     "heldout": tuple(p for p in _ALL_PAIRS if p in HELDOUT_PAIRS),
 }
 
-# Phrasing: every value has one or more words; the first is the canonical one. No phrase of
-# one value contains a phrase of another value of the same attribute, so a caption can be
-# read back unambiguously.
+# Phrasing. Captions are written the way people write prompts: many templates and word orders,
+# synonyms ("upper-left", "centred", "big", "on black"), and attributes left out (the image then
+# has any value of them, and a judge scores only what the caption states). Every value has one or
+# more phrases, the first being the canonical one; a caption can be read back by matching the
+# longest phrase first. The HELDOUT_* phrasings are never used in training: `phrasing="heldout"`
+# captions always use a held-out template, and draw their words from both sets.
 SHAPE_WORDS = {
-    "circle": ("circle", "disk"),
+    "circle": ("circle", "disk", "disc"),
     "square": ("square",),
     "triangle": ("triangle",),
     "star": ("star",),
@@ -92,29 +96,63 @@ COLOUR_WORDS = {colour: (colour,) for colour in COLOURS} | {"purple": ("purple",
 BACKGROUND_WORDS = {"black": ("black",), "white": ("white",), "gray": ("gray", "grey")}
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 POSITION_PHRASES = {
-    "top left": ("in the top left corner", "at the upper left"),
-    "top": ("at the top", "at the top edge"),
-    "top right": ("in the top right corner", "at the upper right"),
-    "left": ("on the left", "at the left side"),
-    "center": ("in the center", "in the middle"),
-    "right": ("on the right", "at the right side"),
-    "bottom left": ("in the bottom left corner", "at the lower left"),
-    "bottom": ("at the bottom", "at the bottom edge"),
-    "bottom right": ("in the bottom right corner", "at the lower right"),
+    "top left": ("in the top left corner", "at the upper left", "top left", "in the top left", "upper-left",
+                 "top-left", "at the top left"),
+    "top": ("at the top", "at the top edge", "top", "at the top center", "top center", "at the top middle"),
+    "top right": ("in the top right corner", "at the upper right", "top right", "in the top right", "upper-right",
+                  "top-right", "at the top right"),
+    "left": ("on the left", "at the left side", "left", "on the left side", "at the left edge"),
+    "center": ("in the center", "in the middle", "center", "centered", "centred", "in the centre",
+               "in the middle of the image"),
+    "right": ("on the right", "at the right side", "right", "on the right side", "at the right edge"),
+    "bottom left": ("in the bottom left corner", "at the lower left", "bottom left", "in the bottom left",
+                    "lower-left", "bottom-left", "at the bottom left"),
+    "bottom": ("at the bottom", "at the bottom edge", "bottom", "at the bottom center", "bottom center",
+               "at the bottom middle"),
+    "bottom right": ("in the bottom right corner", "at the lower right", "bottom right", "in the bottom right",
+                     "lower-right", "bottom-right", "at the bottom right"),
 }
+BACKGROUND_PHRASES = ("on a {} background", "on {}", "against a {} background", "over a {} background",
+                      "with a {} background", "on a plain {} background")
+SINGLE_TEMPLATES = (
+    "{obj} {position} {background}",
+    "{obj} {background} {position}",
+    "{position}, {obj} {background}",
+    "an image of {obj} {position} {background}",
+    "a picture of {obj} {background}, {position}",
+    "{obj}, {position}, {background}",
+    "there is {obj} {position} {background}",
+)
+HELDOUT_SIZE_WORDS = {"small": ("miniature",), "large": ("huge", "giant")}
+HELDOUT_POSITION_PHRASES = {
+    "top left": ("near the top left", "up in the top left", "in the upper left corner"),
+    "top": ("near the top", "up at the top", "along the top"),
+    "top right": ("near the top right", "up in the top right", "in the upper right corner"),
+    "left": ("near the left", "over on the left", "at the left"),
+    "center": ("dead center", "at the center of the picture", "smack in the middle"),
+    "right": ("near the right", "over on the right", "at the right"),
+    "bottom left": ("near the bottom left", "down in the bottom left", "in the lower left corner"),
+    "bottom": ("near the bottom", "down at the bottom", "along the bottom"),
+    "bottom right": ("near the bottom right", "down in the bottom right", "in the lower right corner"),
+}
+HELDOUT_BACKGROUND_PHRASES = ("on a {} backdrop", "set against {}", "in front of a {} wall")
+HELDOUT_TEMPLATES = (
+    "please draw {obj} {position} {background}",
+    "could you paint {obj} {position} {background}",
+    "i want to see {obj} {background} {position}",
+    "make me {obj} {position} {background}",
+    "here we have {obj} {position} {background}",
+)
+PHRASINGS = ("train", "heldout")
+ATTRIBUTE_NAMES = ("shape", "colour", "size", "position", "background")
+# How often a single-object caption leaves an attribute out; the shape is always named.
+OMIT_PROBABILITY = {"colour": 0.1, "size": 0.25, "position": 0.15, "background": 0.25}
 RELATION_PHRASES = {
     "left of": ("to the left of", "left of"),
     "right of": ("to the right of", "right of"),
     "above": ("above", "over"),
     "below": ("below", "under", "beneath"),
 }
-SINGLE_TEMPLATES = (
-    "{obj} {position} on a {background} background",
-    "{obj} {position}, {background} background",
-    "a {background} background with {obj} {position}",
-    "an image of {obj} {position} against a {background} background",
-    "{position}, {obj} on a {background} background",
-)
 PAIR_TEMPLATES = (
     "{a} {relation} {b} on a {background} background",
     "{a} {relation} {b}, {background} background",
@@ -214,10 +252,91 @@ def sample_attributes(rng: random.Random, split: str = "train", difficulty: str 
     return {"objects": objects, "relation": relation, "background": background}
 
 
-def caption_for(attributes: dict, rng: random.Random | None = None) -> str:
-    """A caption of the scene: a random template and random synonyms drawn with `rng`,
-    or the canonical phrasing (first template, first words) when `rng` is None.
+def _merged(*tables: dict) -> dict:
+    return {key: tuple(dict.fromkeys(w for table in tables for w in table.get(key, ()))) for key in tables[0]}
+
+
+def caption_for(attributes: dict, rng: random.Random | None = None, phrasing: str = "train") -> str:
+    """A caption of the scene, drawn with `rng`; the canonical phrasing (first template, first
+    words, every attribute stated) when `rng` is None.
+
+    A one-object caption may leave out its colour, size, position or background (OMIT_PROBABILITY);
+    `make_scene` records which it names. phrasing: "train", or "heldout" for a template never used
+    in training and words from both sets (HELDOUT_*).
     """
+    return _describe(attributes, rng, phrasing)[0]
+
+
+def _describe(attributes: dict, rng: random.Random | None, phrasing: str) -> tuple[str, tuple[str, ...]]:
+    """(caption, the attributes it states) of a scene."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"unknown Shapes phrasing {phrasing!r}: use one of {', '.join(PHRASINGS)}")
+    if "objects" in attributes:
+        return _pair_caption(attributes, rng), ATTRIBUTE_NAMES
+    stated = _stated(rng)
+    pick = (lambda options: options[0]) if rng is None else rng.choice
+    heldout = phrasing == "heldout"
+    sizes = _merged(SIZE_WORDS, HELDOUT_SIZE_WORDS) if heldout else SIZE_WORDS
+    positions = _merged(POSITION_PHRASES, HELDOUT_POSITION_PHRASES) if heldout else POSITION_PHRASES
+    backgrounds = BACKGROUND_PHRASES + HELDOUT_BACKGROUND_PHRASES if heldout else BACKGROUND_PHRASES
+    words = [pick(sizes[attributes["size"]]) if "size" in stated else "",
+             pick(COLOUR_WORDS[attributes["colour"]]) if "colour" in stated else "",
+             pick(SHAPE_WORDS[attributes["shape"]])]
+    parts = {
+        "obj": with_article(" ".join(w for w in words if w)),
+        "position": pick(positions[attributes["position"]]) if "position" in stated else "",
+        "background": (pick(backgrounds).format(pick(BACKGROUND_WORDS[attributes["background"]]))
+                       if "background" in stated else ""),
+    }
+    template = pick(HELDOUT_TEMPLATES if heldout else SINGLE_TEMPLATES)
+    return _tidy(template.format(**parts)), stated
+
+
+def _stated(rng: random.Random | None) -> tuple[str, ...]:
+    """The attributes a one-object caption names: all of them without a generator."""
+    if rng is None:
+        return ATTRIBUTE_NAMES
+    draws = {name: rng.random() for name in OMIT_PROBABILITY}
+    return tuple(n for n in ATTRIBUTE_NAMES if n not in draws or draws[n] >= OMIT_PROBABILITY[n])
+
+
+def _phrase_pattern(table: dict) -> "re.Pattern":
+    """A regex matching any phrase of the table, longest first, between word boundaries."""
+    phrases = sorted({p for options in table.values() for p in options}, key=len, reverse=True)
+    return re.compile(r"(?<![\w-])(" + "|".join(re.escape(p) for p in phrases) + r")(?![\w-])")
+
+
+def read_caption(caption: str) -> dict:
+    """Read a one-object caption back: {attribute: value, or None where the caption leaves it out}.
+
+    The inverse of `caption_for` for either phrasing, whatever it leaves out.
+    """
+    tables = {
+        "shape": SHAPE_WORDS, "colour": COLOUR_WORDS,
+        "size": _merged(SIZE_WORDS, HELDOUT_SIZE_WORDS),
+        "position": _merged(POSITION_PHRASES, HELDOUT_POSITION_PHRASES),
+        "background": BACKGROUND_WORDS,
+    }
+    found = {}
+    for name, table in tables.items():  # object colours and background colours share no word
+        matches = _phrase_pattern(table).findall(caption)
+        values = {value for value, options in table.items() for m in matches if m in options}
+        if len(values) > 1:
+            raise ValueError(f"caption {caption!r} names several {name}s: {sorted(values)}")
+        found[name] = values.pop() if values else None
+    return found
+
+
+def _tidy(text: str) -> str:
+    """Collapse the spaces and commas that a left-out part leaves behind."""
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r",\s*,", ",", text)
+    return text.strip(" ,")
+
+
+def _pair_caption(attributes: dict, rng: random.Random | None) -> str:
+    """A two-object caption: both objects' size, colour and shape, their relation, the background."""
     pick = (lambda options: options[0]) if rng is None else rng.choice
 
     def describe(obj: dict) -> str:
@@ -225,9 +344,6 @@ def caption_for(attributes: dict, rng: random.Random | None = None) -> str:
         return with_article(" ".join(words))
 
     background = pick(BACKGROUND_WORDS[attributes["background"]])
-    if "objects" not in attributes:
-        return pick(SINGLE_TEMPLATES).format(obj=describe(attributes), background=background,
-                                             position=pick(POSITION_PHRASES[attributes["position"]]))
     a, b = attributes["objects"]
     relation = attributes["relation"]
     if rng is not None and rng.random() < 0.5:  # the same scene seen from the other object
@@ -236,11 +352,19 @@ def caption_for(attributes: dict, rng: random.Random | None = None) -> str:
                                        relation=pick(RELATION_PHRASES[relation]))
 
 
-def make_scene(index: int, seed: int = 0, split: str = "train", difficulty: str = "single") -> tuple[str, dict]:
-    """The (caption, attributes) of scene `index`: a pure function of its four arguments."""
+def make_scene(index: int, seed: int = 0, split: str = "train", difficulty: str = "single",
+               phrasing: str = "train") -> tuple[str, dict]:
+    """The (caption, attributes) of scene `index`: a pure function of its arguments.
+
+    A one-object scene's attributes carry "stated", the attributes its caption names (a judge
+    scores only those). The phrasing changes the caption, not the scene.
+    """
     rng = random.Random(f"shapes/{seed}/{split}/{difficulty}/{index}")
     attributes = sample_attributes(rng, split, difficulty)
-    return caption_for(attributes, rng), attributes
+    caption, stated = _describe(attributes, rng, phrasing)
+    if "objects" not in attributes:
+        attributes["stated"] = list(stated)
+    return caption, attributes
 
 
 def heldout_prompts(n: int, seed: int = 0, difficulty: str = "single") -> list[tuple[str, dict]]:
@@ -257,6 +381,7 @@ class ShapesConfig:
     seed: with the index, fixes each scene and its caption.
     split: "train", or "heldout" for scenes made of held-out (shape, colour) pairs.
     difficulty: "single" (one object) or "relations" (half the scenes with two objects).
+    phrasing: "train", or "heldout" for captions in phrasings that training never sees.
     """
 
     length: int = 10_000
@@ -264,6 +389,7 @@ class ShapesConfig:
     seed: int = 0
     split: str = "train"
     difficulty: str = "single"
+    phrasing: str = "train"
 
     def __post_init__(self):
         if self.length < 1:
@@ -274,6 +400,8 @@ class ShapesConfig:
             raise ValueError(f"unknown Shapes split {self.split!r}: use one of {', '.join(SPLITS)}")
         if self.difficulty not in DIFFICULTIES:
             raise ValueError(f"unknown Shapes difficulty {self.difficulty!r}: use one of {', '.join(DIFFICULTIES)}")
+        if self.phrasing not in PHRASINGS:
+            raise ValueError(f"unknown Shapes phrasing {self.phrasing!r}: use one of {', '.join(PHRASINGS)}")
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -294,7 +422,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {len(self)}")
         c = self.config
-        return make_scene(index, c.seed, c.split, c.difficulty)
+        return make_scene(index, c.seed, c.split, c.difficulty, c.phrasing)
 
     def __getitem__(self, index: int) -> dict:
         caption, attributes = self.scene(index)
