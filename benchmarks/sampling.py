@@ -11,7 +11,7 @@ import time
 import torch
 
 from mdm_lite import DiffusionConfig, NestedUNet
-from mdm_lite.diffusion import sample
+from mdm_lite.samplers import sample
 from mdm_lite.train import TrainConfig, flat_baseline
 
 

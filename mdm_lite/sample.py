@@ -7,7 +7,7 @@
     images = pipe(["a red circle in the center", "a small blue star top left"]).images  # PIL images
 
 A pipeline holds a NestedUNet, its frozen text encoder and its DiffusionConfig; calling it encodes
-the prompts and the empty prompt, and runs `mdm_lite.diffusion.sample` on every nesting level at
+the prompts and the empty prompt, and runs `mdm_lite.samplers.sample` on every nesting level at
 once (Gu et al. 2023, Sec. 3.3).
 """
 from __future__ import annotations
@@ -21,7 +21,8 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .diffusion import DiffusionConfig, sample
+from .diffusion import DiffusionConfig
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, sample
 from .nested import NestedUNet, NestedUNetConfig
 from .text import TextEncoder
 
@@ -29,7 +30,7 @@ from .text import TextEncoder
 @dataclass
 class PipelineOutput:
     """images: the largest level, as PIL images or a (N, 3, R, R) tensor in [-1, 1];
-    levels: every level, largest first, tensors in [-1, 1]; trajectory: see `diffusion.sample`."""
+    levels: every level, largest first, tensors in [-1, 1]; trajectory: see `samplers.sample`."""
 
     images: list[Image.Image] | Tensor
     levels: list[Tensor] = field(default_factory=list)
@@ -81,14 +82,15 @@ class MDMPipeline:
     def resolutions(self) -> list[int]:
         return self.model.config.resolutions
 
-    def __call__(self, prompt: str | list[str], num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                 sampler: str = "ddim", eta: float = 0.0, num_images_per_prompt: int = 1,
+    def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 3.0,
+                 sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, num_images_per_prompt: int = 1,
                  seed: int | None = 0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_trajectory: bool = False) -> PipelineOutput:
+                 return_trajectory: bool = False, progress: bool = False) -> PipelineOutput:
         """Generate num_images_per_prompt images for each prompt (same order, repeats adjacent).
 
-        guidance_scale: classifier-free guidance weight (1 = none); sampler: "ddim" or "ddpm";
-        seed: fixes the noise (ignored when a generator is given); output_type "pil" or "pt".
+        guidance_scale: classifier-free guidance weight (1 = none); sampler: "dpmpp" (DPM-Solver++(2M)),
+        "ddim" or "ddpm" (`mdm_lite.samplers`); seed: fixes the noise (ignored when a generator is
+        given); output_type "pil" or "pt"; progress: a progress bar over the steps.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -103,7 +105,7 @@ class MDMPipeline:
         out = sample(self.model, self.resolutions, self.diffusion, text.tokens, text.mask,
                      null_tokens=null.tokens, null_mask=null.mask, num_steps=num_inference_steps,
                      sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator,
-                     device=self.device, return_trajectory=return_trajectory)
+                     device=self.device, return_trajectory=return_trajectory, progress=progress)
         levels, trajectory = out if return_trajectory else (out, None)
         levels = [x.float().cpu() for x in levels]
         images = to_pil(levels[0]) if output_type == "pil" else levels[0]
