@@ -1,0 +1,109 @@
+"""Recipes: named ways to train a NestedUNet, as a sequence of training runs (stages).
+
+MDM trains its large models progressively (Gu et al. 2023, Sec. 3.4): the low-resolution UNet
+first, then grown into a NestedUNet with more levels, each stage starting from the last one's
+weights (`TrainConfig.init_from`, `NestedUNet.wrap`). The "progressive" recipe does that, with
+one stage in front: the 16x16 UNet first learns the layout at a single high noise level. There
+the image is almost pure noise and the caption is all the model has to go on, so it must learn
+where "top left" is; over all noise levels at once, a small model learns the background, colour
+and size long before it learns positions (chapter 6 and TRAINING.md show the evidence).
+
+::
+
+    mdm-lite train                                    # the progressive recipe, ~15 min on 2 cores
+    mdm-lite train --max_steps 20000 --output_dir runs/shapes   # longer last stage
+
+Each stage is an ordinary training run in its own folder under output_dir; `--resume` continues
+the recipe where it stopped (finished stages are skipped, an unfinished one is resumed).
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import load_checkpoint
+from .diffusion import DiffusionConfig
+from .train import ConfigError, TrainConfig, TrainResult, train
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training run of a recipe.
+
+    name: its folder under output_dir; image_size, num_levels: the model it trains (its inner
+    levels are the previous stage's model, or the same model); steps: optimizer steps;
+    time_range, time_power: the training times (see DiffusionConfig).
+    """
+
+    name: str
+    image_size: int
+    num_levels: int
+    steps: int
+    time_range: tuple[float, float] = (0.0, 1.0)
+    time_power: float = 1.0
+
+
+RECIPES: dict[str, tuple[Stage, ...]] = {
+    # The last stage's steps are the ones `--max_steps` sets.
+    "progressive": (
+        Stage("1_layout16", 16, 1, 2000, time_range=(0.97, 0.97)),  # the layout, at one noise level
+        Stage("2_all16", 16, 1, 500, time_power=3.0),  # every noise level, more of them high
+        Stage("3_grow32", 32, 2, 500, time_power=3.0),  # 32/16 (Sec. 3.4)
+        Stage("4_full64", 64, 3, 1000, time_power=3.0),  # 64/32/16: the full model
+    ),
+}
+
+
+def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None) -> list[TrainConfig]:
+    """The TrainConfig of every stage of `recipe`: `base` with each stage's model size, training
+    times, steps and folder (base.output_dir / stage.name), each stage growing from the last.
+    last_steps: steps of the last stage (default: the recipe's)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
+    stages = list(RECIPES[recipe])
+    if last_steps is not None:
+        stages[-1] = dataclasses.replace(stages[-1], steps=last_steps)
+    configs, previous = [], None
+    for stage in stages:
+        model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels)
+        diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
+        output_dir = str(Path(base.output_dir) / stage.name)
+        configs.append(dataclasses.replace(base, model=model, diffusion=diffusion, max_steps=stage.steps,
+                                           output_dir=output_dir, init_from=previous))
+        previous = str(Path(output_dir) / "checkpoint_latest")
+    return configs
+
+
+def _finished(config: TrainConfig) -> bool:
+    latest = Path(config.output_dir) / "checkpoint_latest"
+    return latest.exists() and load_checkpoint(latest).state["step"] >= config.max_steps
+
+
+def run_recipe(base: TrainConfig, recipe: str = "progressive", last_steps: int | None = None,
+               progress: bool = True, resume: bool = False) -> TrainResult | None:
+    """Train every stage of `recipe` in turn (see `stage_configs`); returns the last stage's
+    TrainResult, or None when every stage had finished before. resume: skip finished stages and
+    resume an unfinished one."""
+    configs = stage_configs(base, recipe, last_steps)
+    if not resume and any((Path(c.output_dir) / "checkpoint_latest").exists() for c in configs):
+        raise ConfigError(f"{base.output_dir} already holds this recipe's runs; pass --resume to continue it, "
+                          "or choose a new --output_dir")
+    result = None
+    for number, config in enumerate(configs, 1):
+        if _finished(config):
+            continue
+        started = (Path(config.output_dir) / "checkpoint_latest").exists()
+        print(f"recipe {recipe}, stage {number}/{len(configs)}: {Path(config.output_dir).name}, "
+              f"{config.model.resolutions}, {config.max_steps} steps, times {_times(config.diffusion)}",
+              file=sys.stderr)
+        result = train(config, progress=progress, resume=started)
+    return result
+
+
+def _times(diffusion: DiffusionConfig) -> str:
+    low, high = diffusion.time_range
+    if low == high:
+        return f"t = {low}"
+    return f"t in [{low}, {high}]" + (f" skewed by power {diffusion.time_power}" if diffusion.time_power != 1 else "")
