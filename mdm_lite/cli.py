@@ -121,9 +121,11 @@ def _sample(args: argparse.Namespace) -> int:
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output_dir {output_dir} is a file; pass a directory path")
     pipe = MDMPipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
+    start = time.perf_counter()
     out = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_per_prompt, seed=args.seed,
-               output_type="pt")
+               output_type="pt", progress=not args.no_progress)
+    seconds = time.perf_counter() - start
     output_dir.mkdir(parents=True, exist_ok=True)
     images = side_by_side(out.levels) if args.save_levels else out.images
     for i, image in enumerate(to_pil(images)):
@@ -132,7 +134,8 @@ def _sample(args: argparse.Namespace) -> int:
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
     (output_dir / "prompts.json").write_text(json.dumps(
         [{"file": f"sample_{i:04d}.png", "prompt": p} for i, p in enumerate(expanded)], indent=2))
-    print(f"wrote {len(expanded)} samples and {grid}")
+    print(f"wrote {len(expanded)} samples and {grid}: {args.num_inference_steps} {args.sampler} steps in {seconds:.1f} s "
+          f"({seconds / len(expanded):.2f} s/image)")
     return 0
 
 
@@ -154,7 +157,7 @@ def _eval(args: argparse.Namespace) -> int:
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                 sampler=args.sampler, seed=args.seed, prompt_sets=args.prompts, device=args.device,
-                                use_ema=not args.no_ema)
+                                use_ema=not args.no_ema, progress=not args.no_progress)
     print(f"checkpoint {table['checkpoint']} (step {table['step']})")
     sets = table["sets"]
     keys = [k for k in next(iter(sets.values())) if k not in ("split", "phrasing")]
@@ -179,6 +182,7 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
+    from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
     from .train import cpu_preset
 
     p = argparse.ArgumentParser(prog="mdm-lite", description="Matryoshka Diffusion Models, small enough to read.")
@@ -211,15 +215,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", nargs="+", help="one or more prompts, each in quotes")
     s.add_argument("--prompts_file", help="a text file with one prompt per line")
     s.add_argument("--output_dir", default="generated", help="where sample_0000.png, ... and grid.png go")
-    s.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (network calls)")
+    s.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="denoising steps (network calls)")
     s.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
-    s.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="reverse process")
+    s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num_per_prompt", type=int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images")
     s.add_argument("--device", default="auto", help="cpu, cuda or auto")
     s.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
     s.add_argument("--save_levels", action="store_true", help="save every nesting level side by side")
+    s.add_argument("--no_progress", action="store_true", help="no progress bar over the steps")
     s.set_defaults(run=_sample)
 
     f = sub.add_parser("prefetch", help="download a dataset into the cache before training",
@@ -234,9 +240,10 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=_ShowDefaults)
     e.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir, or shapes (the shipped one)")
     e.add_argument("--num_samples", type=int, default=256, help="images to generate and judge")
-    e.add_argument("--num_inference_steps", type=int, default=50, help="DDIM or DDPM steps per image")
+    e.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="sampler steps per image")
     e.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
-    e.add_argument("--sampler", default="ddim", choices=("ddim", "ddpm"), help="reverse process")
+    e.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
     e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--prompts", nargs="+", default=["train", "phrasing", "pairs"],
@@ -244,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
                    help="prompt sets: training-style captions, phrasings training never saw, shape-colour "
                    "pairs training never saw")
     e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
+    e.add_argument("--no_progress", action="store_true", help="no progress bar over the images and steps")
     e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
     e.set_defaults(run=_eval)
     return p

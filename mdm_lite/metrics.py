@@ -32,8 +32,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .data.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, render_scene
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
 
 # The judge's heads and their classes, in the order of its logits.
 ATTRIBUTES = {
@@ -359,15 +361,17 @@ PROMPT_SETS = {
 }
 
 
-def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = 50, guidance_scale: float = 3.0,
-                      sampler: str = "ddim", seed: int = 0, split: str = "train", phrasing: str = "train",
-                      batch_size: int = 64, judge: Judge | None = None) -> dict:
+def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = DEFAULT_STEPS,
+                      guidance_scale: float = 3.0, sampler: str = DEFAULT_SAMPLER, seed: int = 0, split: str = "train",
+                      phrasing: str = "train", batch_size: int = 64, judge: Judge | None = None,
+                      progress: bool = False) -> dict:
     """Generate num_samples images from fresh Shapes prompts with an MDMPipeline and score them.
 
     The prompts are the captions of a ShapesDataset(seed=EVAL_SEED + seed, split, phrasing)
     ("heldout" split: shape-colour pairs never trained on; "heldout" phrasing: captions in words
     training never uses); the real images for the Fréchet distance are as many other renders of
     the same split. Returns `evaluate_samples`'s row plus the sampling settings and "sample_s_per_image".
+    progress: a progress bar over the images, and one over the steps of each batch.
     """
     from .data import ShapesDataset
 
@@ -379,9 +383,16 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = 5
     scenes = [prompts.scene(i) for i in range(num_samples)]
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    images = torch.cat([pipe([c for c, _ in scenes[i:i + batch_size]], num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, sampler=sampler, generator=generator,
-                             output_type="pt").images for i in range(0, num_samples, batch_size)])
+    batches = []
+    with tqdm(total=num_samples, desc=f"sampling ({split} split, {phrasing} phrasing)", unit="image",
+              disable=not progress) as bar:
+        for i in range(0, num_samples, batch_size):
+            batches.append(pipe([c for c, _ in scenes[i:i + batch_size]], num_inference_steps=num_inference_steps,
+                                guidance_scale=guidance_scale, sampler=sampler, generator=generator,
+                                output_type="pt", progress=progress).images)
+            bar.update(len(batches[-1]))
+            bar.set_postfix(s_per_image=f"{(time.perf_counter() - start) / bar.n:.2f}")
+    images = torch.cat(batches)
     elapsed = time.perf_counter() - start
     real_images = torch.stack([real[i]["image"] for i in range(num_samples)])
     row = evaluate_samples(images, [a for _, a in scenes], real_images, judge)

@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,6 +161,16 @@ def test_sample_writes_numbered_pngs_a_grid_and_prompts_json(run, tmp_path, caps
     assert json.loads((tmp_path / "out" / "prompts.json").read_text()) == [
         {"file": "sample_0000.png", "prompt": "a red circle"},
         {"file": "sample_0001.png", "prompt": "a small blue star"}]
+
+
+def test_sample_shows_a_progress_bar_unless_no_progress_and_reports_seconds_per_image(run, tmp_path, capsys):
+    for flag in ([], ["--no_progress"]):
+        status, err, out = _call(capsys, "sample", "--checkpoint", run.config.output_dir, "--prompts", "a red circle",
+                                 "--output_dir", tmp_path / "out", "--num_inference_steps", 3, "--sampler", "dpmpp",
+                                 *flag)
+        assert status == 0
+        assert ("dpmpp steps" in "".join(err)) == (not flag)  # tqdm draws on stderr
+        assert re.search(r"3 dpmpp steps in [0-9.]+ s \([0-9.]+ s/image\)", out), out
 
 
 def test_save_levels_puts_every_level_side_by_side(run, tmp_path, capsys):
