@@ -166,9 +166,24 @@ def _eval(args: argparse.Namespace) -> int:
     for key in keys:
         cells = [sets[name][key] for name in sets]
         print(f"{key:<{width}}" + "".join(f"  {v:>10.4f}" if isinstance(v, float) else f"  {v!s:>10}" for v in cells))
-    output = Path(args.output) if args.output else Path(table["checkpoint"]) / "eval.json"
+    output = Path(args.output)
     output.write_text(json.dumps(table, indent=2))
     print(f"wrote {output}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    try:
+        from .demo import Demo
+    except ModuleNotFoundError as error:  # the optional extra `demo` is not installed
+        raise ValueError(str(error)) from error
+
+    demo = Demo(args.checkpoint, args.device)
+    try:
+        demo.launch(args.host, args.port)
+    except OSError as error:
+        raise ValueError(f"cannot serve on {args.host}:{args.port} ({error.strerror or 'the port is taken'}); "
+                         f"pass another --port, e.g. --port {args.port + 1}") from error
     return 0
 
 
@@ -211,7 +226,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images from prompts with a trained checkpoint",
                          formatter_class=_ShowDefaults)
-    s.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir or checkpoint_latest")
+    s.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir, checkpoint_latest, or "
+                   "shapes (the one shipped in the package)")
     s.add_argument("--prompts", nargs="+", help="one or more prompts, each in quotes")
     s.add_argument("--prompts_file", help="a text file with one prompt per line")
     s.add_argument("--output_dir", default="generated", help="where sample_0000.png, ... and grid.png go")
@@ -252,8 +268,17 @@ def parser() -> argparse.ArgumentParser:
                    "pairs training never saw")
     e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
     e.add_argument("--no_progress", action="store_true", help="no progress bar over the images and steps")
-    e.add_argument("--output", help="where to write the table as JSON (default: eval.json in the checkpoint)")
+    e.add_argument("--output", default="eval.json", help="where to write the table as JSON")
     e.set_defaults(run=_eval)
+
+    d = sub.add_parser("demo", help="a web page to try a checkpoint: a prompt, its every level and the trajectory "
+                       "(needs pip install \"mdm-lite[demo]\")", formatter_class=_ShowDefaults)
+    d.add_argument("--checkpoint", default="shapes",
+                   help="checkpoint directory, output_dir, or shapes (the one shipped in the package)")
+    d.add_argument("--port", type=int, default=7860, help="the page is at http://HOST:PORT")
+    d.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the whole network")
+    d.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    d.set_defaults(run=_demo)
     return p
 
 

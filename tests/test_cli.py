@@ -188,8 +188,10 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
 @pytest.mark.parametrize("command, shown", [
     ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
                "(cpu preset: 1.0)", "(cpu preset: 0.0 1.0)"]),
-    ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)"]),
-    ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])"]),
+    ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)",
+                "or shapes (the one shipped in the package)"]),
+    ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])", "(default: eval.json)"]),
+    ("demo", ["(default: shapes)", "(default: 7860)", "(default: 127.0.0.1)"]),
 ])
 def test_help_shows_every_default(command, shown, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -199,3 +201,22 @@ def test_help_shows_every_default(command, shown, capsys):
     for fragment in shown:
         assert fragment in text, fragment
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_eval_of_the_shipped_checkpoint_writes_eval_json_in_the_current_folder_not_in_the_package(
+        tmp_path, monkeypatch, capsys):
+    shipped = resolve_checkpoint("shapes")
+    before = snapshot(shipped)
+    monkeypatch.chdir(tmp_path)
+    status, err, out = _call(capsys, "eval", "--checkpoint", "shapes", "--num_samples", 2, "--num_inference_steps", 1,
+                             "--prompts", "train", "--device", "cpu")
+    assert status == 0, err
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == str(shipped)
+    assert "wrote eval.json" in out and snapshot(shipped) == before
+
+
+def test_demo_without_gradio_is_one_line_that_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "mdm_lite.demo", raising=False)
+    status, err, _ = _call(capsys, "demo")
+    assert status == 2 and err == ['mdm-lite: error: the demo needs Gradio: pip install "mdm-lite[demo]"']
