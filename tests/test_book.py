@@ -15,7 +15,13 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-COLAB = "https://colab.research.google.com/github/mdm-lite/mdm-lite/blob/main/book/{}"
+# The repository's URL lives in _config.yml (it also builds the book's launch and repository
+# buttons); every badge and install cell must name the same one.
+REPOSITORY = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+GITHUB = re.compile(r"https://github\.com/[\w.-]+/[\w.-]+")
+COLAB = (f"https://colab.research.google.com/github/{REPOSITORY['url'].removeprefix('https://github.com/')}"
+         f"/blob/{REPOSITORY['branch']}/book/{{}}")
+INSTALL = f'%pip install -q "mdm-lite @ git+{REPOSITORY["url"]}"'
 MAX_NOTEBOOK_BYTES = 1_000_000
 
 
@@ -60,7 +66,7 @@ def test_chapter_follows_the_conventions(path: Path):
     assert COLAB.format(path.name) in "".join(cells[0]["source"]), "first cell needs the Colab badge for this file"
     code = [c for c in cells if c["cell_type"] == "code"]
     install, setup = ("".join(c["source"]) for c in code[:2])
-    assert "import mdm_lite" in install and "except ImportError" in install and "%pip install" in install
+    assert "import mdm_lite" in install and "except ImportError" in install and INSTALL in install
     assert 'os.environ.get("MDM_QUICK", "0") == "1"' in setup
     counts = [c["execution_count"] for c in code]
     assert counts == list(range(1, len(code) + 1)), f"outputs must come from one top-to-bottom run, got {counts}"
@@ -68,6 +74,13 @@ def test_chapter_follows_the_conventions(path: Path):
     assert "quick mode: False" in setup_text, "commit the outputs of a full run (MDM_QUICK unset)"
     errors = [o["ename"] for c in code for o in c["outputs"] if o["output_type"] == "error"]
     assert not errors, f"{path.name} was committed with errors: {errors}"
+
+
+def test_every_repository_link_of_the_book_and_readme_is_the_one_in_config():
+    assert GITHUB.fullmatch(REPOSITORY["url"]), "_config.yml: repository.url must be https://github.com/OWNER/NAME"
+    pages = [*NOTEBOOKS, *BOOK.glob("*.md"), ROOT / "README.md"]
+    links = {(page.name, link) for page in pages for link in GITHUB.findall(page.read_text())}
+    assert links and {link for _, link in links} == {REPOSITORY["url"]}, sorted(links)
 
 
 def _jupyter_book() -> str:
