@@ -1,0 +1,74 @@
+"""Recipes: stages trained in turn, each growing from the last, resumable; the precision choice."""
+
+import pytest
+import torch
+
+from mdm_lite.checkpoint import load_checkpoint
+from mdm_lite.cli import main
+from mdm_lite.recipe import RECIPES, Stage, run_recipe, stage_configs
+from mdm_lite.train import ConfigError, TrainConfig, choose_precision
+from tiny_run import snapshot, state_equal, tiny_config
+
+# The progressive recipe's shape at the tiny model's sizes: one level at 8x8 at a single noise
+# level, the same model over every noise level, then grown to 16/8.
+TINY_RECIPE = (
+    Stage("1_layout", 8, 1, 2, time_range=(0.97, 0.97)),
+    Stage("2_all", 8, 1, 1, time_power=3.0),
+    Stage("3_grown", 16, 2, 2, time_power=3.0),
+)
+
+
+@pytest.fixture
+def tiny_recipe(monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setitem(RECIPES, "tiny", TINY_RECIPE)
+    return "tiny"
+
+
+def test_every_stage_of_the_progressive_recipe_grows_from_the_one_before():
+    configs = stage_configs(TrainConfig(output_dir="out"), "progressive", last_steps=123)
+    assert [c.output_dir for c in configs] == [f"out/{s.name}" for s in RECIPES["progressive"]]
+    assert configs[0].diffusion.time_range == (0.97, 0.97) and configs[0].init_from is None
+    assert configs[-1].model == TrainConfig().model and configs[-1].max_steps == 123
+    for before, after in zip(configs, configs[1:]):
+        assert after.init_from == f"{before.output_dir}/checkpoint_latest"
+        # the same model trained on, or one more level around it (NestedUNet.wrap)
+        grown = after.model.num_levels == before.model.num_levels + 1 and after.model.inner_levels() == before.model
+        assert after.model == before.model or grown
+
+
+def test_a_recipe_trains_its_stages_in_turn_and_a_second_call_resumes_nothing(tiny_recipe, tmp_path):
+    base = tiny_config(tmp_path / "run")
+    result = run_recipe(base, tiny_recipe, progress=False)
+    for stage in TINY_RECIPE:
+        ckpt = load_checkpoint(tmp_path / "run" / stage.name)
+        assert ckpt.state["step"] == stage.steps
+        assert ckpt.config["model"]["num_levels"] == stage.num_levels
+        assert tuple(ckpt.config["diffusion"]["time_range"]) == stage.time_range
+    assert result.config.output_dir == str(tmp_path / "run" / "3_grown")
+    before = snapshot(tmp_path / "run")
+    assert run_recipe(base, tiny_recipe, progress=False, resume=True) is None
+    assert snapshot(tmp_path / "run") == before
+    with pytest.raises(ConfigError, match="--resume"):
+        run_recipe(base, tiny_recipe, progress=False)
+
+
+def test_a_recipe_stopped_in_its_last_stage_resumes_to_the_weights_of_an_unbroken_one(tiny_recipe, tmp_path):
+    straight = run_recipe(tiny_config(tmp_path / "a"), tiny_recipe, progress=False)
+    run_recipe(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=1, progress=False)
+    resumed = run_recipe(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=2, progress=False, resume=True)
+    assert state_equal(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_options_of_a_single_run_with_the_default_recipe_exit_2_naming_recipe_none(tmp_path, capsys):
+    assert main(["train", "--image_size", "32", "--output_dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--recipe none" in err[0]
+
+
+def test_precision_auto_uses_bf16_exactly_where_the_cpu_has_amx_and_says_why():
+    assert choose_precision(TrainConfig(precision="fp32"), torch.device("cpu")) == (False, "--precision fp32")
+    assert choose_precision(TrainConfig(precision="bf16"), torch.device("cpu"))[0] is True
+    bf16, why = choose_precision(TrainConfig(precision="auto"), torch.device("cpu"))
+    assert bf16 == torch.cpu._is_amx_tile_supported()
+    assert "AMX" in why
