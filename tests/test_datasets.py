@@ -5,6 +5,12 @@ through the same `datasets.load_dataset` call as the Hub name; nothing is downlo
 """
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -245,6 +251,48 @@ def test_a_hub_dataset_missing_from_the_cache_offline_names_the_prefetch_command
     with pytest.raises(DatasetError, match="mdm-lite prefetch --dataset flickr30k") as e:
         load_dataset("flickr30k")  # lmms-lab/flickr30k, never downloaded here
     assert "\n" not in str(e.value)
+
+
+def _unreachable_hub(tmp_path) -> dict:
+    """The environment of a process that is not told to work offline and whose Hub is a closed
+    port of this machine: it can reach no Hub, here or anywhere."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": f"http://127.0.0.1:{port}", "HF_HOME": str(tmp_path / "hf"),
+            "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+
+def _prefetch_flickr30k(env: dict, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "mdm-lite"), "prefetch", "--dataset", "flickr30k",
+                           *options], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_hub_dataset_not_in_the_cache_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path):
+    done = _prefetch_flickr30k(_unreachable_hub(tmp_path))
+    assert done.returncode == 2
+    # One line: the Hub client's retries (30 s of them, each logged) never started.
+    assert done.stderr.splitlines() == [
+        "mdm-lite: error: 'lmms-lab/flickr30k' is not in the local cache and the Hub cannot be reached; run "
+        "`mdm-lite prefetch --dataset flickr30k` with network access, or pass a local copy"]
+
+
+def test_a_hub_dataset_in_the_cache_loads_from_it_with_the_hub_unreachable(flickr_hub, tmp_path):
+    env = _unreachable_hub(tmp_path)
+    # A prepared copy where `datasets` keeps one of lmms-lab/flickr30k: owner___name/config/version/hash.
+    table = datasets.load_dataset("parquet", data_files={"test": str(flickr_hub / "data" / "*.parquet")},
+                                  split="test", cache_dir=str(tmp_path / "build"))
+    prepared = Path(table.cache_files[0]["filename"]).parent
+    copy = Path(env["HF_DATASETS_CACHE"]) / "lmms-lab___flickr30k" / "default" / "0.0.0" / prepared.name
+    shutil.copytree(prepared, copy)
+    (copy / "parquet-test.arrow").rename(copy / "flickr30k-test.arrow")
+    info = json.loads((copy / "dataset_info.json").read_text())
+    (copy / "dataset_info.json").write_text(json.dumps({**info, "dataset_name": "flickr30k", "config_name": "default"}))
+    done = _prefetch_flickr30k(env, "--split", "all")
+    assert done.returncode == 0, done.stderr
+    assert "flickr30k (all): 6 samples ready in the cache" in done.stdout
+    assert "Retry" not in done.stderr, "the Hub was asked first"
 
 
 def test_collate_stacks_images_and_lists_captions_and_attributes():

@@ -7,14 +7,20 @@ resizes, crops and scales each image the same way.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import socket
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import datasets
+import huggingface_hub
 import numpy as np
 import torch
 from PIL import Image
@@ -152,10 +158,47 @@ def is_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.startswith(".") and not os.path.exists(name)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the Hub (HF_ENDPOINT), or to the proxy configured for it, opens
+    within `timeout` seconds."""
+    address = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get(address.scheme)
+    if proxy and not urllib.request.proxy_bypass(address.hostname):
+        address = urllib.parse.urlsplit(proxy)
+    try:
+        socket.create_connection((address.hostname, address.port or (443 if address.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def in_cache(hub_id: str) -> bool:
+    """Whether the `datasets` cache holds a prepared copy of the Hub dataset `hub_id` ("owner/name")."""
+    owner, name = hub_id.split("/")
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / f"{owner}___{datasets.naming.camelcase_to_snakecase(name)}"
+    return any(path.is_dir() for path in folder.glob("*/*/*"))  # config/version/hash, as `datasets` writes it
+
+
+@contextlib.contextmanager
+def _offline():
+    """`datasets` and `huggingface_hub` as with HF_HUB_OFFLINE=1: the cache only, no request."""
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
 def load_table(source: str, split: str, prefetch_name: str | None = None) -> datasets.Dataset:
     """`datasets.load_dataset` for a Hub id, a local folder (parquet files, an `imagefolder`
     with a metadata file, CSV, ...) or parquet file(s) (a path or glob ending in .parquet),
     with its failures turned into one-line `DatasetError`s.
+
+    A Hub dataset already in the cache is read from there with no request to the Hub; one that
+    is not is downloaded, or, when the Hub cannot be reached, is an error at once (instead of
+    after the Hub client's retries).
 
     prefetch_name: the name `mdm-lite prefetch --dataset` takes for this source, for the hint.
     """
@@ -166,12 +209,18 @@ def load_table(source: str, split: str, prefetch_name: str | None = None) -> dat
     else:
         raise DatasetError(f"no dataset at {source!r}: pass an existing folder, .parquet file(s), "
                            "or a Hub name like owner/name")
+    unreachable = DatasetError(f"{source!r} is not in the local cache and the Hub cannot be reached; run "
+                               f"`mdm-lite prefetch --dataset {prefetch_name or source}` with network access, "
+                               "or pass a local copy")
+    hub = is_hub_id(source) and not datasets.config.HF_HUB_OFFLINE
+    cached = hub and in_cache(source)
+    if hub and not cached and not hub_reachable():
+        raise unreachable
     try:
-        return datasets.load_dataset(*args, split=split, **kwargs)
+        with _offline() if cached else contextlib.nullcontext():
+            return datasets.load_dataset(*args, split=split, **kwargs)
     except ConnectionError as error:
-        raise DatasetError(f"{source!r} is not in the local cache and the Hub cannot be reached; run "
-                           f"`mdm-lite prefetch --dataset {prefetch_name or source}` with network access, "
-                           "or pass a local copy") from error
+        raise unreachable from error
     except FileNotFoundError as error:  # includes datasets' DatasetNotFoundError
         raise DatasetError(f"no dataset {source!r} on the Hub or on disk ({error}); check the name") from error
     except ValueError as error:  # datasets says "unknown split" and "no rows" only in its messages
