@@ -335,6 +335,23 @@ def frechet_distance(images_a: Tensor, images_b: Tensor, judge: Judge | None = N
                                      *feature_statistics(judge.features(images_b)))
 
 
+def edge_ratio(images: Tensor) -> dict[str, float]:
+    """High-frequency energy of each border row and column over that of the interior.
+
+    images: (N, C, H, W). The energy of a pixel is |x - box3x3(x)| (replicate padding), averaged
+    over channels and images; the interior leaves out two pixels on each side. Returns {"top",
+    "bottom", "left", "right", "max"}. Real Shapes renders, flat at their borders, score below 1; a
+    model that leaves noise along an edge scores above.
+    """
+    x = images.float()
+    energy = (x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)).abs().mean((0, 1))
+    interior = energy[2:-2, 2:-2].mean()
+    sides = {"top": energy[0].mean(), "bottom": energy[-1].mean(), "left": energy[:, 0].mean(),
+             "right": energy[:, -1].mean()}
+    ratios = {name: float(value / interior) for name, value in sides.items()}
+    return ratios | {"max": max(ratios.values())}
+
+
 def evaluate_samples(images: Tensor, attributes: Sequence[dict], real_images: Tensor | None = None,
                      judge: Judge | None = None) -> dict:
     """One row of numbers for generated images (N, 3, 64, 64) in [-1, 1] and their prompts' attributes:
@@ -346,6 +363,7 @@ def evaluate_samples(images: Tensor, attributes: Sequence[dict], real_images: Te
     row = {"n": scores["n"], "prompt_accuracy": scores["accuracy"], "prompt_accuracy_ci95": scores["ci95"]}
     row |= {f"{name}_accuracy": value for name, value in scores["per_attribute"].items()}
     row |= {f"{name}_n": value for name, value in scores["per_attribute_n"].items()}
+    row["edge_ratio"] = edge_ratio(images)["max"]
     if real_images is not None:
         row["judge_fd"] = frechet_distance(images, real_images, judge)
     return row

@@ -16,6 +16,7 @@ from mdm_lite.metrics import (
     JUDGE_PATH,
     FIDUnavailable,
     Judge,
+    edge_ratio,
     evaluate_samples,
     frechet_distance,
     gaussian_frechet_distance,
@@ -192,3 +193,13 @@ def test_inception_weights_are_never_downloaded_unasked(monkeypatch, tmp_path):
     with pytest.raises(FIDUnavailable, match=r"inception_weights\(download=True\)"):
         inception_weights()
     assert not any(tmp_path.iterdir())
+
+
+def test_edge_ratio_is_low_on_renders_and_finds_a_noisy_border_row(real):
+    images, _ = real
+    assert edge_ratio(images)["max"] < 1.0  # flat backgrounds at every border
+    speckled = images.clone()
+    speckled[:, :, -1] += 0.3 * torch.randn(speckled[:, :, -1].shape, generator=torch.Generator().manual_seed(0))
+    ratios = edge_ratio(speckled)
+    assert ratios["bottom"] > 3.0 and ratios["max"] == ratios["bottom"]
+    assert max(ratios["top"], ratios["left"], ratios["right"]) < 1.0
