@@ -307,7 +307,8 @@ def _sample_prompts(config: TrainConfig, dataset) -> list[str]:
 
 def _save_pictures(output_dir: Path, step: int, history: list[dict], ema: NestedUNet, encoder: TextEncoder,
                    config: TrainConfig, prompts: list[str], device: torch.device) -> Path:
-    """Write loss.png (the loss curves so far) and samples_{step}.png; returns the grid's path."""
+    """Write loss.png (the loss curves so far), samples_{step}.png and its prompts beside it,
+    samples_{step}.txt (one line per image, row by row); returns the grid's path."""
     from .sample import MDMPipeline, plot_losses, save_grid
 
     plot_losses(history, output_dir / "loss.png")
@@ -315,7 +316,10 @@ def _save_pictures(output_dir: Path, step: int, history: list[dict], ema: Nested
     out = pipe(prompts, num_inference_steps=config.num_sample_steps, guidance_scale=config.guidance_scale,
                seed=config.seed, output_type="pt")
     path = output_dir / f"samples_{step:06d}.png"
-    save_grid(out.images, path, nrow=min(8, len(prompts)))
+    columns = min(8, len(prompts))
+    save_grid(out.images, path, nrow=columns)
+    path.with_suffix(".txt").write_text("".join(f"row {i // columns + 1}, column {i % columns + 1}: {prompt}\n"
+                                                for i, prompt in enumerate(prompts)))
     return path
 
 
@@ -395,9 +399,12 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
               f"levels {config.model.resolutions}, {config.dataset} ({len(dataset)} samples), device {device}"
               f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'}, steps {step}->{total_steps}",
               file=sys.stderr)
+    if writer and step >= total_steps:
+        print(f"mdm-lite train: {output_dir} is already at step {step} of {total_steps}, nothing to train; raise "
+              "--max_steps (or --epochs) to train on", file=sys.stderr)
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and writer), dynamic_ncols=True)
     window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
-    checkpoint = None
+    checkpoint = resolve_checkpoint(latest) if step >= total_steps else None  # a resumed run already done
     out_of_time = False
     while step < total_steps and not out_of_time:
         sampler.set_epoch(epoch)

@@ -136,6 +136,18 @@ def test_a_diverged_run_exits_1_with_one_line_naming_the_last_good_checkpoint(tm
     assert resolve_checkpoint(output_dir).name == "checkpoint_000002"
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train_and_prints_the_summary(run, tmp_path, capsys):
+    copy = _copy_of_run(tmp_path, run.config.output_dir)
+    checkpoints = sorted(p.name for p in copy.glob("checkpoint_0*"))
+    status, err, out = _call(capsys, "train", "--config", write_tiny_json(tmp_path / "tiny.json"), "--output_dir", copy,
+                             "--resume", "--no_progress")
+    assert status == 0, err
+    assert f"mdm-lite train: {copy} is already at step 4 of 4, nothing to train; raise --max_steps (or --epochs) " \
+           "to train on" in err, err
+    assert "checkpoint_000004" in out and "next: mdm-lite sample" in out
+    assert sorted(p.name for p in copy.glob("checkpoint_0*")) == checkpoints
+
+
 def test_a_real_mdm_lite_process_with_a_missing_checkpoint_prints_one_line_and_no_traceback(tmp_path):
     command = [str(Path(sys.executable).parent / "mdm-lite"), "sample", "--checkpoint", str(tmp_path / "nothing"),
                "--prompts", "a red circle", "--output_dir", str(tmp_path / "out")]

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +44,13 @@ def test_resuming_n_steps_for_n_more_gives_bitwise_the_weights_of_2n_steps(run, 
     records = _metrics(output_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # each step logged once
     assert [r["loss"] for r in records] == [r["loss"] for r in run.history]
+
+
+def test_each_sample_grid_has_its_prompts_beside_it_one_line_per_image(run):
+    grids = sorted(Path(run.config.output_dir).glob("samples_*.png"))
+    assert [grid.name for grid in grids] == ["samples_000002.png", "samples_000004.png"]
+    for grid in grids:
+        assert grid.with_suffix(".txt").read_text() == "row 1, column 1: a red circle\n"
 
 
 def test_a_new_run_after_one_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path, monkeypatch):
