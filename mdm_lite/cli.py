@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .config_check import ConfigError
 from .data import DatasetError
 from .text import TextEncoderError
 
@@ -43,16 +44,30 @@ def _option_value(text: str):
     return text
 
 
+def _options(items: list[str] | None) -> dict:
+    """--dataset_option KEY=VALUE items as a dict, numbers read as numbers."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--dataset_option {item!r} is not key=value, e.g. caption_column=text")
+        options[key] = _option_value(value)
+    return options
+
+
 def build_train_config(args: argparse.Namespace):
-    """The TrainConfig that `mdm-lite train` runs: a preset (or --config file), then the flags given."""
-    from .train import PRESETS, ConfigError, TrainConfig
+    """The TrainConfig that `mdm-lite train` runs: a preset (or --config file), then the flags
+    given; built once, so that every value is checked as the config is (`config_check`)."""
+    from .train import PRESETS, TrainConfig
 
     if args.config:
         try:
             config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read --config {args.config} ({error}); pass a JSON file such as a "
                               "checkpoint's config.json") from error
+        except ConfigError as error:
+            raise ConfigError(f"--config {args.config}: {error}") from None
     elif args.preset in PRESETS:
         config = PRESETS[args.preset]()
     else:
@@ -60,27 +75,17 @@ def build_train_config(args: argparse.Namespace):
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     if "epochs" in given and "max_steps" not in given:
         given["max_steps"] = None  # --epochs alone: train for that many epochs, as the original CLI did
-    config = dataclasses.replace(config, **given)
     model = {k: getattr(args, k) for k in ("image_size", "num_levels") if getattr(args, k) is not None}
     if model:
-        try:
-            config.model = dataclasses.replace(config.model, **model)
-        except ValueError as error:
-            raise ConfigError(f"{error}; choose an --image_size divisible by 2**(num_levels - 1)") from error
+        given["model"] = dataclasses.replace(config.model, **model)
     diffusion = {k: getattr(args, k) for k in ("time_power", "time_range") if getattr(args, k) is not None}
-    if diffusion:  # DiffusionConfig checks the values
-        config.diffusion = dataclasses.replace(config.diffusion, **diffusion)
+    if diffusion:
+        given["diffusion"] = dataclasses.replace(config.diffusion, **diffusion)
     if args.dataset_option:
-        options = dict(config.dataset_options)
-        for item in args.dataset_option:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--dataset_option {item!r} is not key=value, e.g. caption_column=text")
-            options[key] = _option_value(value)
-        config.dataset_options = options
+        given["dataset_options"] = {**config.dataset_options, **_options(args.dataset_option)}
     if args.sample_prompts:
-        config.sample_prompts = args.sample_prompts
-    return config
+        given["sample_prompts"] = args.sample_prompts
+    return dataclasses.replace(config, **given)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -142,11 +147,7 @@ def _sample(args: argparse.Namespace) -> int:
 def _prefetch(args: argparse.Namespace) -> int:
     from .data import prefetch
 
-    options = {}
-    for item in args.dataset_option or []:
-        key, _, value = item.partition("=")
-        options[key] = _option_value(value)
-    n = prefetch(args.dataset, args.split, **options)
+    n = prefetch(args.dataset, args.split, **_options(args.dataset_option))
     print(f"{args.dataset} ({args.split}): {n} samples ready in the cache")
     return 0
 

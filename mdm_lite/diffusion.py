@@ -16,12 +16,13 @@ ends, since x0 = alpha z - sigma v never divides. `prediction="eps"` is kept for
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Annotated, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config_check import ConfigError, NonNegative, OneOf, Positive, Range, check_fields
 from .schedule import add_noise, shifted_cosine_logsnr, velocity
 
 
@@ -48,24 +49,18 @@ class DiffusionConfig:
             learns where objects go far sooner there than among all noise levels (README).
     """
 
-    prediction: str = "v"
-    base_resolution: int = 32
-    loss_weights: tuple[float, ...] | None = None
-    cond_drop_prob: float = 0.1
-    time_power: float = 1.0
-    time_range: tuple[float, float] = (0.0, 1.0)
+    prediction: Annotated[str, OneOf("v", "eps")] = "v"
+    base_resolution: Annotated[int, Positive] = 32
+    loss_weights: tuple[Annotated[float, NonNegative], ...] | None = None
+    cond_drop_prob: Annotated[float, Range(0, 1)] = 0.1
+    time_power: Annotated[float, Range(0, low_open=True, hint="1: uniform times")] = 1.0
+    time_range: tuple[Annotated[float, Range(0, 1)], Annotated[float, Range(0, 1)]] = (0.0, 1.0)
 
     def __post_init__(self):
-        if self.prediction not in ("v", "eps"):
-            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
-        if not self.time_power > 0:
-            raise ValueError(f"time_power must be positive (1: uniform times), got {self.time_power}")
-        self.time_range = tuple(float(v) for v in self.time_range)
-        if len(self.time_range) != 2 or not 0.0 <= self.time_range[0] <= self.time_range[1] <= 1.0:
-            raise ValueError(f"time_range must be two times 0 <= low <= high <= 1 (e.g. 0.97 0.97 for one "
-                             f"noise level), got {self.time_range}")
-        if self.loss_weights is not None:
-            self.loss_weights = tuple(float(w) for w in self.loss_weights)
+        check_fields(self)
+        if self.time_range[0] > self.time_range[1]:
+            raise ConfigError(f"must be two times 0 <= low <= high <= 1 (e.g. 0.97 0.97 for one noise level), got "
+                              f"{list(self.time_range)}", "time_range")
 
     def logsnr(self, t: Tensor, resolution: int) -> Tensor:
         """The shifted cosine log-SNR of a level of side `resolution` at time t (any shape)."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Annotated
 
 from torch import Tensor, nn
 
+from .config_check import ConfigError, NonNegative, Positive, check_fields
 from .unet import UNet, UNetConfig, _as_batch, zero_module
 
 
@@ -35,20 +37,23 @@ class NestedUNetConfig:
             attention and no middle blocks, so it halves the resolution exactly once.
     """
 
-    image_size: int = 64
-    num_levels: int = 2
+    image_size: Annotated[int, Positive] = 64
+    num_levels: Annotated[int, Positive] = 2
     inner: UNetConfig = field(default_factory=UNetConfig)
-    shell_channels: int = 32
-    shell_num_res_blocks: int = 1
+    shell_channels: Annotated[int, Positive] = 32
+    shell_num_res_blocks: Annotated[int, NonNegative] = 1
 
     def __post_init__(self):
-        if isinstance(self.inner, dict):
-            self.inner = UNetConfig(**self.inner)
-        if self.num_levels < 1:
-            raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
+        check_fields(self)
         if self.image_size % 2 ** (self.num_levels - 1):
-            raise ValueError(f"image_size {self.image_size} cannot be halved {self.num_levels - 1} times")
-        self.inner = dataclasses.replace(self.inner, resolution=self.resolutions[-1])
+            raise ConfigError(f"{self.image_size} cannot be halved {self.num_levels - 1} times for {self.num_levels} "
+                              f"levels: use an image_size divisible by {2 ** (self.num_levels - 1)}, or fewer levels",
+                              "image_size")
+        try:
+            self.inner = dataclasses.replace(self.inner, resolution=self.resolutions[-1])
+            self.inner.check_attention()
+        except ConfigError as error:
+            raise error.within("inner") from None
 
     @property
     def resolutions(self) -> list[int]:

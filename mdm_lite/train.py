@@ -26,12 +26,12 @@ import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -41,15 +41,13 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config_check import (ConfigError, Device, NonEmpty, NonNegative, OneOf, Positive, Range, Seed, build,
+                           check_fields)
 from .data import collate, load_dataset
 from .diffusion import DiffusionConfig, drop_captions, multires_loss
 from .nested import NestedUNet, NestedUNetConfig
 from .text import TextEncoder
 from .unet import UNetConfig
-
-
-class ConfigError(ValueError):
-    """A training option that cannot work; the message says which and what to do."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -76,62 +74,47 @@ class TrainConfig:
         image_size=64, num_levels=3, shell_channels=16, shell_num_res_blocks=1,
         inner=UNetConfig(channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,))))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    dataset: str = "shapes"
+    dataset: Annotated[str, NonEmpty] = "shapes"
     dataset_options: dict = field(default_factory=dict)
-    max_samples: int | None = None
-    text_encoder: str | None = None
-    batch_size: int = 16
-    epochs: int = 100
-    max_steps: int | None = 300
-    max_time_s: float | None = None
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 50
-    gradient_clip_norm: float = 1.0
-    num_gradient_accumulations: int = 1
-    ema_decay: float = 0.995
-    precision: str = "auto"
-    log_freq: int = 10
-    save_freq: int = 100
+    max_samples: Annotated[int, Positive] | None = None
+    text_encoder: Annotated[str, NonEmpty] | None = None
+    batch_size: Annotated[int, Positive] = 16
+    epochs: Annotated[int, Positive] = 100
+    max_steps: Annotated[int, Positive] | None = 300
+    max_time_s: Annotated[float, Positive] | None = None
+    lr: Annotated[float, Positive] = 2e-3
+    weight_decay: Annotated[float, NonNegative] = 0.0
+    warmup_steps: Annotated[int, NonNegative] = 50
+    gradient_clip_norm: Annotated[float, Range(0, hint="0: no clipping")] = 1.0
+    num_gradient_accumulations: Annotated[int, Positive] = 1
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.995
+    precision: Annotated[str, OneOf("auto", "fp32", "bf16")] = "auto"
+    log_freq: Annotated[int, Positive] = 10
+    save_freq: Annotated[int, Positive] = 100
     sample_prompts: list[str] | None = None
-    num_sample_steps: int = 25
+    num_sample_steps: Annotated[int, Positive] = 25
     guidance_scale: float = 3.0
-    output_dir: str = "output"
-    device: str = "auto"
-    seed: int = 0
-    num_workers: int = 0
-    init_from: str | None = None
-    keep_checkpoints: int = 3
+    output_dir: Annotated[str, NonEmpty] = "output"
+    device: Annotated[str, Device] = "auto"
+    seed: Annotated[int, Seed] = 0
+    num_workers: Annotated[int, NonNegative] = 0
+    init_from: Annotated[str, NonEmpty] | None = None
+    keep_checkpoints: Annotated[int, Range(0, hint="0 keeps every checkpoint")] = 3
 
     def __post_init__(self):
-        try:
-            if isinstance(self.model, dict):
-                self.model = NestedUNetConfig(**self.model)
-            if isinstance(self.diffusion, dict):
-                self.diffusion = DiffusionConfig(**self.diffusion)
-        except TypeError as error:  # an unknown field in a config file's "model" or "diffusion"
-            raise ConfigError(f"{error}; fix the model or diffusion section of the config") from error
+        check_fields(self)
+        weights = self.diffusion.loss_weights
+        if weights is not None and len(weights) != self.model.num_levels:
+            raise ConfigError(f"has {len(weights)} entries for a {self.model.num_levels}-level model: give one weight "
+                              "per level, outermost first, or null", "diffusion.loss_weights")
+        for name in ("in_channels", "out_channels"):
+            if getattr(self.model.inner, name) != 3:
+                raise ConfigError(f"must be 3 (the datasets and the sampler make RGB images), got "
+                                  f"{getattr(self.model.inner, name)}", f"model.inner.{name}")
 
     def validate(self) -> None:
-        """Raise ConfigError, with the fix in its message, for options that cannot work."""
-        for name in ("batch_size", "epochs", "num_gradient_accumulations", "log_freq", "save_freq",
-                     "num_sample_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ConfigError(f"--max_steps must be positive, got {self.max_steps}")
-        if self.max_time_s is not None and self.max_time_s <= 0:
-            raise ConfigError(f"--max_time_s must be positive, got {self.max_time_s}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if self.warmup_steps < 0 or self.gradient_clip_norm < 0:
-            raise ConfigError("--warmup_steps and --gradient_clip_norm must be >= 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"--ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        """Raise ConfigError, with the fix in its message, for what cannot work on this machine (the
+        fields' types and ranges are checked when the config is built)."""
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was asked for but no GPU is visible; use --device cpu (or auto)")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
@@ -142,11 +125,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown TrainConfig fields {sorted(unknown)}; remove them from the config file")
-        return cls(**data)
+        """The config of a JSON object; ConfigError naming the field for a value that cannot work."""
+        return build(cls, data)
 
 
 def cpu_preset() -> TrainConfig:
@@ -194,14 +174,15 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
     halvings = nested.num_levels - 1 + len(inner.channel_mult) - 1
     mult = (1,) + tuple(min(2 ** k, 4) for k in range(1, halvings + 1))
 
-    def config(channels: int) -> NestedUNetConfig:
+    def config(channels: int, head_dim: int = inner.head_dim) -> NestedUNetConfig:
         return NestedUNetConfig(image_size=nested.image_size, num_levels=1, inner=dataclasses.replace(
-            inner, channels=channels, channel_mult=mult, emb_dim=None))
+            inner, channels=channels, channel_mult=mult, emb_dim=None, head_dim=head_dim))
 
     @functools.cache
     def size(channels: int) -> int:
-        with torch.device("meta"):  # count parameters without allocating them
-            return sum(p.numel() for p in NestedUNet(config(channels)).parameters())
+        # Heads own no parameters: count with one head, which any width allows, and without allocating.
+        with torch.device("meta"):
+            return sum(p.numel() for p in NestedUNet(config(channels, channels * max(mult))).parameters())
 
     def splits_into_heads(channels: int) -> bool:
         """Whether each attention block's channels * mult features split into its features // head_dim heads."""

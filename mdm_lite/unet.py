@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .config_check import ConfigError, NonEmpty, NonNegative, Positive, Range, Rule, check_fields
+
+Even = Rule(lambda n: n % 2 == 0, "even", hint="the time embedding splits the channels into cos and sin halves")
 
 
 @dataclass
@@ -38,30 +43,50 @@ class UNetConfig:
             shipped Shapes checkpoint uses it; whether it needs it is not measured yet.
     """
 
-    resolution: int = 32
-    in_channels: int = 3
-    out_channels: int = 3
-    channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attention_resolutions: tuple[int, ...] = (16, 8)
-    head_dim: int = 32
-    dropout: float = 0.0
-    text_dim: int = 384
-    emb_dim: int | None = None
+    resolution: Annotated[int, Positive] = 32
+    in_channels: Annotated[int, Positive] = 3
+    out_channels: Annotated[int, Positive] = 3
+    channels: Annotated[int, Positive, Even] = 64
+    channel_mult: Annotated[tuple[Annotated[int, Positive], ...], NonEmpty] = (1, 2, 2)
+    num_res_blocks: Annotated[int, NonNegative] = 2
+    attention_resolutions: tuple[Annotated[int, Positive], ...] = (16, 8)
+    head_dim: Annotated[int, Positive] = 32
+    dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.0
+    text_dim: Annotated[int, NonNegative] = 384
+    emb_dim: Annotated[int, Positive] | None = None
     middle: bool = True
     position_embedding: bool = False
 
     def __post_init__(self):
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_resolutions = tuple(self.attention_resolutions)
+        check_fields(self)
         if self.emb_dim is None:
             self.emb_dim = 4 * self.channels
         if self.resolution % 2 ** (len(self.channel_mult) - 1):
-            raise ValueError(
-                f"resolution {self.resolution} cannot be halved {len(self.channel_mult) - 1} times: "
-                "use fewer channel_mult entries"
-            )
+            raise ConfigError(f"{list(self.channel_mult)} halves the {self.resolution}px resolution "
+                              f"{len(self.channel_mult) - 1} times, which does not divide it: use fewer entries",
+                              "channel_mult")
+
+    @property
+    def level_resolutions(self) -> list[int]:
+        """Image side at each level of the UNet, full resolution first."""
+        return [self.resolution >> i for i in range(len(self.channel_mult))]
+
+    def check_attention(self) -> None:
+        """Raise ConfigError unless attention_resolutions is empty (no attention) or names at least
+        one level, and every attention block's width splits into heads of head_dim channels. A
+        NestedUNetConfig calls it once its inner resolution is set, as does UNet."""
+        levels = self.level_resolutions
+        if self.attention_resolutions and not set(self.attention_resolutions) & set(levels):
+            raise ConfigError(
+                f"{list(self.attention_resolutions)} select no level of this {self.resolution}px UNet (its levels: "
+                f"{', '.join(map(str, levels))}), so it would have no attention and no cross-attention to the "
+                "text: list some of its levels (sizes in pixels), or change the image size or number of levels so that "
+                "it has one", "attention_resolutions")
+        for size, mult in zip(levels, self.channel_mult):
+            width = self.channels * mult
+            if size in self.attention_resolutions and width % max(1, width // self.head_dim):
+                raise ConfigError(f"{self.head_dim} does not split the {width} channels of the {size}px attention "
+                                  f"into equal heads: use a head_dim that divides {width}", "head_dim")
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -256,6 +281,7 @@ class UNet(nn.Module):
 
     def __init__(self, config: UNetConfig, with_conditioning: bool = True):
         super().__init__()
+        config.check_attention()
         self.config = cfg = config
         chans = [cfg.channels * m for m in cfg.channel_mult]
         self.conditioning = Conditioning(cfg.channels, cfg.emb_dim, cfg.text_dim) if with_conditioning else None

@@ -71,7 +71,7 @@ BAD_INPUT = {
                                                   "--output_dir", tmp / "out"], "corrupt", "checkpoint_NNNNNN"),
     "checkpoint of another config": (
         lambda tmp, run, cfg: ["train", "--config", cfg, "--output_dir", _copy_of_run(tmp, run), "--resume",
-                               "--num_levels", "1", "--no_progress"], "copy", "resume with the same"),
+                               "--image_size", "8", "--num_levels", "1", "--no_progress"], "copy", "resume with the same"),
     "unknown preset": (lambda tmp, run, cfg: ["train", "--preset", "huge", "--output_dir", tmp / "out"], "out",
                        "use one of cpu"),
     "unknown dataset": (lambda tmp, run, cfg: ["train", "--config", cfg, "--dataset", "imagenet-21k", "--output_dir",

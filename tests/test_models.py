@@ -20,8 +20,10 @@ def tiny_unet_config(**overrides) -> UNetConfig:
 
 
 def tiny_nested_config(image_size: int, num_levels: int) -> NestedUNetConfig:
-    return NestedUNetConfig(image_size=image_size, num_levels=num_levels, inner=tiny_unet_config(),
-                            shell_channels=8, shell_num_res_blocks=1)
+    """Attention at the inner UNet's second level: half its side (image_size >> (num_levels - 1))."""
+    inner = tiny_unet_config(attention_resolutions=(image_size >> num_levels,))
+    return NestedUNetConfig(image_size=image_size, num_levels=num_levels, inner=inner, shell_channels=8,
+                            shell_num_res_blocks=1)
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -47,14 +49,14 @@ def noisy_pyramid(resolutions, batch: int = 2, seed: int = 0) -> list[torch.Tens
 
 @pytest.mark.parametrize("resolution", [8, 16, 32])
 def test_unet_output_has_the_input_shape(resolution):
-    model = UNet(tiny_unet_config(resolution=resolution))
+    model = UNet(tiny_unet_config(resolution=resolution, attention_resolutions=(resolution // 2,)))
     x = torch.randn(2, 3, resolution, resolution)
     assert model(x, torch.rand(2), *text(2)).shape == x.shape
 
 
 def test_unet_starts_at_zero_output():
     # The output conv is zero-initialised (ADM): an untrained model predicts v = 0.
-    model = UNet(tiny_unet_config())
+    model = UNet(tiny_unet_config(attention_resolutions=(16,)))
     assert model(torch.randn(2, 3, 32, 32), torch.rand(2), *text(2)).abs().max() == 0
 
 

@@ -8,9 +8,11 @@ Every item is {"image": (3, H, W) float in [-1, 1], "caption": str}; Shapes item
 from __future__ import annotations
 
 import os
+import typing
 
 import torch
 
+from ..config_check import check_options
 from .captioned import CaptionedImageDataset, DatasetError, load_captioned, preprocess
 from .flickr30k import load_flickr30k
 from .shapes import (
@@ -44,17 +46,29 @@ def load_dataset(name: str, split: str = "train", image_size: int = 64, max_samp
             other datasets image_column, caption_column, seed.
     """
     if name == "shapes":
+        options = _checked(options, ShapesConfig)
         if max_samples is not None:
             options["length"] = min(max_samples, options.get("length", max_samples))
-        return ShapesDataset(image_size=image_size, split=split, **options)
+        try:
+            return ShapesDataset(image_size=image_size, split=split, **options)
+        except ValueError as error:  # ShapesConfig's own range checks
+            raise DatasetError(str(error)) from None
     if name == "flickr30k":
-        return load_flickr30k(split, image_size, max_samples, **options)
+        return load_flickr30k(split, image_size, max_samples, **_checked(options, load_flickr30k))
     if name == "tiny-imagenet":
-        return load_tiny_imagenet(split, image_size, max_samples, **options)
+        return load_tiny_imagenet(split, image_size, max_samples, **_checked(options, load_tiny_imagenet))
     if "/" in name or os.sep in name or name.endswith(".parquet") or os.path.exists(name):
-        return load_captioned(name, split, image_size, max_samples, **options)
+        return load_captioned(name, split, image_size, max_samples, **_checked(options, load_captioned))
     raise DatasetError(f"unknown dataset {name!r}: use {', '.join(NAMED_DATASETS)}, a Hub name like "
                        "owner/name, a local folder, or a .parquet file")
+
+
+def _checked(options: dict, loader) -> dict:
+    """`options` checked against the typed keyword arguments of `loader` (a function or a config
+    dataclass) that load_dataset does not set itself: unknown names and wrong types are ConfigErrors."""
+    hints = {k: v for k, v in typing.get_type_hints(loader, include_extras=True).items()
+             if k not in ("source", "split", "image_size", "max_samples", "return")}
+    return check_options(options, hints, "--dataset_option")
 
 
 def collate(batch: list[dict]) -> dict:
