@@ -8,20 +8,24 @@
     mdm-lite prefetch --dataset flickr30k
     mdm-lite eval --checkpoint output --num_samples 256
 
-Bad input ends with one line on stderr that says what to do, and exit status 2 (1 when training
-diverged); nothing already saved is touched.
+Every expected failure ends with one line on stderr that says what happened and what to do: bad
+input (an option, a config file, a checkpoint, a dataset, a folder that cannot be written) with
+exit status 2, a run that failed (diverged, a full disk, out of memory) with 1, Ctrl-C with 130;
+nothing already saved is touched. Anything else is a bug and prints its traceback (`main`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
-from .checkpoint import CheckpointError
-from .config_check import ConfigError
+from .checkpoint import CheckpointError, check_writable, resolve_checkpoint
+from .config_check import ConfigError, Device, Positive, check_value
 from .data import DatasetError
 from .text import TextEncoderError
 
@@ -92,6 +96,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     config = build_train_config(args)
+    args.run_folder = Path(config.output_dir)  # what `main` reports on, should the run fail
     start = time.perf_counter()
     result = train(config, progress=not args.no_progress, resume=args.resume)
     if result.checkpoint is not None:
@@ -112,19 +117,29 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
         try:
             prompts += [line.strip() for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         except OSError as error:
-            raise ValueError(f"cannot read --prompts_file {args.prompts_file} ({error.strerror})") from error
+            raise ConfigError(f"cannot read --prompts_file {args.prompts_file} ({error.strerror})") from error
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"--prompts_file {args.prompts_file} is not UTF-8 text ({error.reason}); pass a text "
+                              "file with one prompt per line") from error
     if not prompts:
-        raise ValueError("no prompts: pass --prompts \"a red circle\" ... or --prompts_file with one per line")
+        raise ConfigError("no prompts: pass --prompts \"a red circle\" ... or --prompts_file with one per line")
     return prompts
 
 
+# The sample command's names for MDMPipeline's options (`sample.SAMPLING_OPTIONS`).
+SAMPLE_FLAGS = {"num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "eta": "eta",
+                "num_per_prompt": "num_images_per_prompt", "seed": "seed"}
+
+
 def _sample(args: argparse.Namespace) -> int:
-    from .sample import MDMPipeline, save_grid, side_by_side, to_pil
+    from .sample import SAMPLING_OPTIONS, MDMPipeline, save_grid, side_by_side, to_pil
 
     prompts = _read_prompts(args)
+    for flag, option in SAMPLE_FLAGS.items():  # before the minutes of loading and sampling
+        check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[option])
+    check_value("--device", args.device, Annotated[str, Device])
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"--output_dir {output_dir} is a file; pass a directory path")
+    check_writable(output_dir)
     pipe = MDMPipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     start = time.perf_counter()
     out = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -154,7 +169,13 @@ def _prefetch(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .metrics import evaluate_checkpoint
+    from .sample import SAMPLING_OPTIONS
 
+    check_value("--num_samples", args.num_samples, Annotated[int, Positive])
+    for flag in ("num_inference_steps", "guidance_scale", "seed"):  # before the minutes of sampling
+        check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[flag])
+    check_value("--device", args.device, Annotated[str, Device])
+    check_writable(Path(args.output).parent, "--output")
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                 sampler=args.sampler, seed=args.seed, prompt_sets=args.prompts, device=args.device,
@@ -177,13 +198,13 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         from .demo import Demo
     except ModuleNotFoundError as error:  # the optional extra `demo` is not installed
-        raise ValueError(str(error)) from error
+        raise ConfigError(str(error)) from error
 
     demo = Demo(args.checkpoint, args.device)
     try:
         demo.launch(args.host, args.port)
     except OSError as error:
-        raise ValueError(f"cannot serve on {args.host}:{args.port} ({error.strerror or 'the port is taken'}); "
+        raise ConfigError(f"cannot serve on {args.host}:{args.port} ({error.strerror or 'the port is taken'}); "
                          f"pass another --port, e.g. --port {args.port + 1}") from error
     return 0
 
@@ -283,21 +304,63 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors of bad input (exit 2) and of a run that failed (exit 1); their messages say what to do.
+BAD_INPUT = (ConfigError, CheckpointError, DatasetError, TextEncoderError)
+# What a full disk, a folder made read-only or lost permissions raise: a failed run, not a bug.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _saved(args: argparse.Namespace) -> str:
+    """What a failed or interrupted command leaves: for train, the last checkpoint of its folder
+    (or of the recipe stage it was in) and how to go on from it."""
+    folder = getattr(args, "run_folder", None)
+    if folder is None:
+        return "nothing that was there before was changed"
+    pointers = [p for p in (folder / "checkpoint_latest", *folder.glob("*/checkpoint_latest")) if p.exists()]
+    if not pointers:
+        return "no checkpoint was saved yet: run the same command again"
+    newest = resolve_checkpoint(max(pointers, key=lambda p: p.stat().st_mtime))
+    return f"the last checkpoint, {newest}, is intact: continue with the same command and --resume"
+
+
+def _out_of_memory(error: RuntimeError) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingDiverged
+    """Run a command; the one place where expected errors become one line and an exit status."""
+    from .sample import SamplingFailed
+    from .train import TrainingDiverged, TrainingInterrupted
 
     args = parser().parse_args(argv)
+
+    def fail(message: str, status: int) -> int:
+        print(f"mdm-lite: {message}", file=sys.stderr)
+        return status
+
     try:
         return args.run(args)
-    except TrainingDiverged as error:
-        print(f"mdm-lite: {error}", file=sys.stderr)
-        return 1
-    except (CheckpointError, DatasetError, TextEncoderError, ValueError, FileNotFoundError) as error:
-        print(f"mdm-lite: error: {error}", file=sys.stderr)
-        return 2
+    except BAD_INPUT as error:
+        return fail(f"error: {error}", 2)
+    except (TrainingDiverged, SamplingFailed) as error:
+        return fail(str(error), 1)
+    except OSError as error:
+        if error.errno not in DISK_ERRORS:
+            raise
+        return fail(f"cannot write {error.filename or 'a file'} ({error.strerror}): free some space or choose a "
+                    f"writable --output_dir; {_saved(args)}", 1)
+    except RuntimeError as error:
+        if not _out_of_memory(error):
+            raise
+        return fail(f"out of memory ({str(error).splitlines()[0][:120]}): lower --batch_size, or sample fewer "
+                    f"images at once; {_saved(args)}", 1)
+    except TrainingInterrupted as stop:
+        where = f"saved {stop.checkpoint}" if stop.checkpoint else "saved"
+        return fail(f"interrupted at step {stop.step}, {where}: continue with the same command and --resume", 130)
     except KeyboardInterrupt:
-        print("mdm-lite: interrupted; the last checkpoint is intact, continue with --resume", file=sys.stderr)
-        return 130
+        return fail(f"interrupted; {_saved(args)}", 130)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated
 
+import torch
 from torch import Tensor, nn
 
 from .config_check import ConfigError, NonNegative, Positive, check_fields
@@ -134,6 +135,26 @@ class NestedUNet(nn.Module):
         timestep = _as_batch(timestep, sample[0].shape[0], sample[0].device)
         emb = self.condition(timestep, encoder_hidden_states, encoder_attention_mask)
         return self.body(list(sample), emb, encoder_hidden_states, encoder_attention_mask)[0]
+
+    @torch.no_grad()
+    def gives_finite_outputs(self) -> bool:
+        """Whether every weight is finite and a fixed random input (every level, t = 0.5, random
+        text tokens) gives outputs whose mean square, the scale of the training loss, is finite.
+        Weights can all be finite and still so large that the loss overflows: a step at lr 1e30
+        leaves weights of 1e30 and outputs of 1e31. Uses no global RNG."""
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            return False
+        device, generator = next(self.parameters()).device, torch.Generator().manual_seed(0)
+        xs = [torch.randn(1, self.config.inner.in_channels, r, r, generator=generator).to(device)
+              for r in self.config.resolutions]
+        text_dim = self.config.inner.text_dim
+        tokens = torch.randn(1, 4, text_dim, generator=generator).to(device) if text_dim else None
+        training = self.training
+        try:
+            outs = self.eval()(xs, torch.full((1,), 0.5, device=device), tokens, None)
+        finally:
+            self.train(training)
+        return all(torch.isfinite(o.float().square().mean()) for o in outs)
 
     def level_parameters(self) -> list[int]:
         """Number of parameters that belong to each level, outermost first (joins count with their shell)."""

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_weights
+from .config_check import ConfigError, Device, NonNegative, Positive, Seed, check_value
+from .memory import check_fits
 from .diffusion import DiffusionConfig
 from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, sample
 from .nested import NestedUNet, NestedUNetConfig
@@ -38,13 +41,27 @@ class PipelineOutput:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """"auto" -> cuda if visible, else cpu; "cuda" with no GPU is an error that says what to do."""
+    """"auto" -> cuda if visible, else cpu; "cuda" with no GPU, or a device that is none of auto,
+    cpu, cuda and cuda:N, is an error that says what to do."""
+    check_value("device", str(device), Annotated[str, Device])
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no GPU is visible; use --device cpu (or auto)")
     return device
+
+
+# The types and ranges of MDMPipeline's options, checked as config fields are (`config_check`).
+SAMPLING_OPTIONS = {
+    "prompt": list[str], "num_inference_steps": Annotated[int, Positive], "guidance_scale": float,
+    "eta": Annotated[float, NonNegative], "num_images_per_prompt": Annotated[int, Positive],
+    "seed": Annotated[int, Seed] | None,
+}
+
+
+class SamplingFailed(RuntimeError):
+    """Sampling produced NaN or infinite images; the message says what to change."""
 
 
 class MDMPipeline:
@@ -65,17 +82,20 @@ class MDMPipeline:
         use_ema: the moving-average weights (better samples) rather than the raw ones."""
         from .train import TrainConfig
 
+        device = resolve_device(device)
         ckpt = load_checkpoint(checkpoint)
-        config = TrainConfig.from_dict(ckpt.config)
+        try:
+            config = TrainConfig.from_dict(ckpt.config)
+        except ConfigError as error:
+            raise CheckpointError(f"{ckpt.path / 'config.json'}: {error}") from None
+        check_fits(config.model, device, images=1)
         model = NestedUNet(config.model)
         if not use_ema and ckpt.model is None:
             raise CheckpointError(f"{ckpt.path} is an exported checkpoint with EMA weights only; drop --no_ema")
-        try:
-            model.load_state_dict(ckpt.ema if use_ema else ckpt.model)
-        except RuntimeError as error:
-            raise CheckpointError(f"{ckpt.path}: weights do not fit the model in its config.json; the checkpoint "
-                                  "was edited or mixed with another run's files") from error
-        device = resolve_device(device)
+        load_weights(model, ckpt.ema if use_ema else ckpt.model, ckpt.path)
+        if not model.gives_finite_outputs():
+            raise CheckpointError(f"{ckpt.path}: its weights give non-finite outputs (the run had diverged before this "
+                                  "save); sample from an earlier checkpoint")
         return cls(model, TextEncoder(config.text_encoder, device=device), config.diffusion, device)
 
     @property
@@ -94,9 +114,12 @@ class MDMPipeline:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("no prompts given; pass at least one prompt")
-        if num_inference_steps < 1 or num_images_per_prompt < 1:
-            raise ValueError("num_inference_steps and num_images_per_prompt must be at least 1")
+            raise ConfigError("no prompts given; pass at least one prompt")
+        options = {"prompt": prompts, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                   "eta": eta, "num_images_per_prompt": num_images_per_prompt, "seed": seed}
+        for name, value in options.items():
+            check_value(name, value, SAMPLING_OPTIONS[name])
+        check_fits(self.model.config, self.device, images=len(prompts) * num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
@@ -108,6 +131,9 @@ class MDMPipeline:
                      device=self.device, return_trajectory=return_trajectory, progress=progress)
         levels, trajectory = out if return_trajectory else (out, None)
         levels = [x.float().cpu() for x in levels]
+        if not all(torch.isfinite(x).all() for x in levels):
+            raise SamplingFailed(f"sampling gave non-finite images (guidance_scale {guidance_scale}, eta {eta}): use a "
+                                 "guidance_scale between 1 and 10, or sample from an earlier checkpoint")
         images = to_pil(levels[0]) if output_type == "pil" else levels[0]
         return PipelineOutput(images, levels, trajectory)
 

