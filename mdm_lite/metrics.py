@@ -424,15 +424,16 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 256, device: 
     `prompt_sets` (keys of PROMPT_SETS), for `mdm-lite eval`. Returns {"checkpoint", "step",
     "sets": {name: evaluate_pipeline's row, with its interval as ci95_low / ci95_high}}."""
     from .checkpoint import load_checkpoint
+    from .config_check import ConfigError
     from .sample import MDMPipeline
 
     unknown = [name for name in prompt_sets if name not in PROMPT_SETS]
     if unknown:
-        raise ValueError(f"unknown prompt sets {unknown}: use {', '.join(PROMPT_SETS)}")
+        raise ConfigError(f"unknown prompt sets {unknown}: use {', '.join(PROMPT_SETS)}")
     ckpt = load_checkpoint(checkpoint)
     if ckpt.config.get("dataset") != "shapes":
-        raise ValueError(f"{ckpt.path} was trained on {ckpt.config.get('dataset')!r}; the judge reads Shapes "
-                         "images only: evaluate a Shapes checkpoint, or use inception_fid in Python")
+        raise ConfigError(f"{ckpt.path} was trained on {ckpt.config.get('dataset')!r}; the judge reads Shapes "
+                          "images only: evaluate a Shapes checkpoint, or use inception_fid in Python")
     pipe = MDMPipeline.from_pretrained(ckpt.path, device=device, use_ema=use_ema)
     judge = load_judge()
     sets = {}
