@@ -338,7 +338,7 @@ def frechet_distance(images_a: Tensor, images_b: Tensor, judge: Judge | None = N
 def edge_ratio(images: Tensor) -> dict[str, float]:
     """High-frequency energy of each border row and column over that of the interior.
 
-    images: (N, C, H, W). The energy of a pixel is |x - box3x3(x)| (replicate padding), averaged
+    images: (N, C, H, W). The energy of a pixel is ``abs(x - box3x3(x))`` (replicate padding), averaged
     over channels and images; the interior leaves out two pixels on each side. Returns {"top",
     "bottom", "left", "right", "max"}. Real Shapes renders, flat at their borders, score below 1; a
     model that leaves noise along an edge scores above.
