@@ -92,22 +92,50 @@ def build_train_config(args: argparse.Namespace):
     return dataclasses.replace(config, **given)
 
 
+# Options that shape a single run's model or training times; a recipe sets them per stage.
+SINGLE_RUN_OPTIONS = ("image_size", "num_levels", "time_power", "time_range", "init_from")
+
+
+def chosen_recipe(args: argparse.Namespace) -> str | None:
+    """The recipe `mdm-lite train` runs: --recipe, else "progressive" for the cpu preset (None: one run)."""
+    recipe = args.recipe or ("progressive" if args.preset == "cpu" and not args.config else "none")
+    if recipe == "none":
+        return None
+    given = [f"--{name}" for name in SINGLE_RUN_OPTIONS if getattr(args, name) is not None]
+    if given:
+        from .train import ConfigError
+
+        raise ConfigError(f"{', '.join(given)} set one run's model or times, and the {recipe} recipe sets each "
+                          "stage's: add --recipe none to train a single run")
+    return recipe
+
+
 def _train(args: argparse.Namespace) -> int:
+    from .recipe import run_recipe
     from .train import train
 
     config = build_train_config(args)
     args.run_folder = Path(config.output_dir)  # what `main` reports on, should the run fail
+    recipe = chosen_recipe(args)
     start = time.perf_counter()
-    result = train(config, progress=not args.no_progress, resume=args.resume)
-    if result.checkpoint is not None:
-        grids = sorted(Path(config.output_dir).glob("samples_*.png"))
+    if recipe:
+        result = run_recipe(config, recipe, args.max_steps, progress=not args.no_progress, resume=args.resume)
+    else:
+        result = train(config, progress=not args.no_progress, resume=args.resume)
+    if result is not None and result.checkpoint is not None:
+        run_dir = Path(result.config.output_dir)
+        grids = sorted(run_dir.glob("samples_*.png"))
         last = result.history[-1]["loss"] if result.history else float("nan")
-        print(f"trained {result.history[-1]['step'] if result.history else 0} steps in "
+        print(f"trained {'the ' + recipe + ' recipe' if recipe else str(result.history[-1]['step']) + ' steps'} in "
               f"{time.perf_counter() - start:.0f} s, final loss {last:.4f}\n"
               f"checkpoint: {result.checkpoint}\nsamples:    {grids[-1] if grids else '-'}\n"
-              f"loss curve: {Path(config.output_dir) / 'loss.png'}\n"
-              f"next: mdm-lite sample --checkpoint {Path(config.output_dir) / 'checkpoint_latest'} "
-              f"--prompts \"a large red circle in the center\"")
+              f"loss curve: {run_dir / 'loss.png'}\n"
+              f"next: mdm-lite sample --checkpoint {run_dir / 'checkpoint_latest'} "
+              f"--prompts \"a small blue star top left\"\n"
+              f"      mdm-lite eval --checkpoint {run_dir / 'checkpoint_latest'} --num_samples 64")
+        if recipe:
+            print(f"      a model like the shipped one: mdm-lite train --max_steps 20000 "
+                  f"--output_dir runs/shapes (hours on a CPU; see mdm_lite/assets/shapes_cpu/TRAINING.md)")
     return 0
 
 
@@ -228,6 +256,10 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a NestedUNet (defaults: the CPU preset on Shapes)")
     t.add_argument("--preset", default="cpu", help="cpu (default), colab or paper")
+    t.add_argument("--recipe", choices=("progressive", "none"),
+                   help="progressive: the 16x16 UNet learns the layout at one noise level, then every noise "
+                   "level, then grows to 32/16 and 64/32/16, each stage in its own folder under --output_dir, "
+                   "--max_steps setting the last one's steps (default for the cpu preset); none: one run")
     t.add_argument("--config", help="a TrainConfig as JSON (e.g. a checkpoint's config.json) instead of a preset")
     t.add_argument("--resume", action="store_true", help="continue the run in --output_dir from checkpoint_latest")
     t.add_argument("--image_size", type=int, help=f"side of the largest level (cpu preset: {defaults.model.image_size})")

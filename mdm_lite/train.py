@@ -70,13 +70,14 @@ class TrainConfig:
     (summed over resumes; sampling and saving excluded) have passed.
 
     Attributes:
-        precision: "fp32", "bf16" (autocast) or "auto" (bf16 on a GPU that supports it, else fp32:
-            on the 2-core CPU we measured, bf16 convolutions ran 100x slower than fp32).
+        precision: "fp32", "bf16" (autocast) or "auto": bf16 where this machine runs it faster
+            (see `choose_precision`), else fp32.
     """
 
     model: NestedUNetConfig = field(default_factory=lambda: NestedUNetConfig(
         image_size=64, num_levels=3, shell_channels=16, shell_num_res_blocks=1,
-        inner=UNetConfig(channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,))))
+        inner=UNetConfig(channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                         position_embedding=True)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     dataset: Annotated[str, NonEmpty] = "shapes"
     dataset_options: dict = field(default_factory=dict)
@@ -91,10 +92,10 @@ class TrainConfig:
     warmup_steps: Annotated[int, NonNegative] = 50
     gradient_clip_norm: Annotated[float, Range(0, hint="0: no clipping")] = 1.0
     num_gradient_accumulations: Annotated[int, Positive] = 1
-    ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.995
+    ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.999
     precision: Annotated[str, OneOf("auto", "fp32", "bf16")] = "auto"
     log_freq: Annotated[int, Positive] = 10
-    save_freq: Annotated[int, Positive] = 100
+    save_freq: Annotated[int, Positive] = 500
     sample_prompts: list[str] | None = None
     num_sample_steps: Annotated[int, Positive] = 25
     guidance_scale: float = 3.0
@@ -238,12 +239,22 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     return torch.device(config.device)
 
 
-def _use_bf16(config: TrainConfig, device: torch.device) -> bool:
-    if config.precision == "auto":
-        # Native bf16 needs compute capability 8 (Ampere) or newer; is_bf16_supported() also says
-        # yes for older GPUs such as Colab's T4, where bf16 is emulated and slow.
-        return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    return config.precision == "bf16"
+def choose_precision(config: TrainConfig, device: torch.device) -> tuple[bool, str]:
+    """(use bf16 autocast, why) for `config.precision` on `device`.
+
+    "auto" picks bf16 where the hardware computes it natively: GPUs of compute capability 8
+    (Ampere) or newer (`is_bf16_supported()` also says yes on a T4, where bf16 is emulated and
+    slow), and CPUs with AMX tiles (Intel Sapphire Rapids and newer), whose bf16 matrix units make
+    training faster. Elsewhere a CPU emulates bf16 and can run an order of magnitude slower, so fp32.
+    """
+    if config.precision != "auto":
+        return config.precision == "bf16", f"--precision {config.precision}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        native = major >= 8
+        return native, f"GPU compute capability {major}.{minor} {'has' if native else 'lacks'} native bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return amx, f"this CPU {'has' if amx else 'lacks'} AMX bf16 matrix units"
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -445,7 +456,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     net = DistributedDataParallel(model) if world > 1 else model
-    bf16 = _use_bf16(config, device)
+    bf16, why = choose_precision(config, device)
     levels = config.model.num_levels
     prompts = _sample_prompts(config, dataset)
     writer = rank == 0
@@ -456,7 +467,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         output_dir.mkdir(parents=True, exist_ok=True)
         print(f"mdm-lite train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"levels {config.model.resolutions}, {config.dataset} ({len(dataset)} samples), device {device}"
-              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'}, steps {step}->{total_steps}",
+              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'} ({why}), steps {step}->{total_steps}",
               file=sys.stderr)
     if writer and step >= total_steps:
         print(f"mdm-lite train: {output_dir} is already at step {step} of {total_steps}, nothing to train; raise "
@@ -561,15 +572,25 @@ def _diverged(what: str, latest: Path) -> TrainingDiverged:
                             "run again")
 
 
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
 def _read_history(path: Path, step: int, rewrite: bool) -> list[dict]:
     """metrics.jsonl records up to `step` (0 for a new run): a killed run may have logged past its
     last checkpoint, or have saved none, and those records are dropped (from the file too, if
-    `rewrite`, replaced atomically for the other ranks reading it) as this run logs them again."""
+    `rewrite`, replaced atomically for the other ranks reading it) as this run logs them again.
+    So is a line that is not a record: the half-written last line of a run killed as it logged."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in records if r["step"] <= step]
-    if rewrite and len(kept) != len(records):
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = [r for r in map(_record, lines) if r is not None and r["step"] <= step]
+    if rewrite and len(kept) != len(lines):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
