@@ -409,7 +409,7 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = D
                                 guidance_scale=guidance_scale, sampler=sampler, generator=generator,
                                 output_type="pt", progress=progress).images)
             bar.update(len(batches[-1]))
-            bar.set_postfix(s_per_image=f"{(time.perf_counter() - start) / bar.n:.2f}")
+            bar.set_postfix(s_per_image=f"{(time.perf_counter() - start) / (i + len(batches[-1])):.2f}")
     images = torch.cat(batches)
     elapsed = time.perf_counter() - start
     real_images = torch.stack([real[i]["image"] for i in range(num_samples)])

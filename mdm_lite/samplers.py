@@ -42,23 +42,38 @@ def _pad_to(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
     return F.pad(tokens, (0, 0, 0, extra)), F.pad(mask, (0, extra), value=False)
 
 
-def _guided(model, zs, t, tokens, mask, null_tokens, null_mask, scale: float) -> list[Tensor]:
-    """Classifier-free guidance: f_uncond + scale * (f_cond - f_uncond), both in one batch."""
+def _guided(model, tokens, mask, null_tokens, null_mask, scale: float) -> Callable:
+    """The model under classifier-free guidance, as (zs, t) -> predictions f_uncond + scale * (f_cond - f_uncond).
+
+    Both halves run in one batch of 2B; the prompts and the empty prompt are batched once, not at
+    every step. tokens (B, L, D), mask (B, L); null_tokens (1, L0, D), null_mask (1, L0).
+    """
     if scale == 1.0 or tokens is None:
-        return model(zs, t, tokens, mask)
-    b = zs[0].shape[0]
+        return lambda zs, t: model(zs, t, tokens, mask)
+    b = tokens.shape[0]
     length = max(tokens.shape[1], null_tokens.shape[1])
     tokens, mask = _pad_to(tokens, mask, length)
     null_tokens, null_mask = _pad_to(null_tokens.expand(b, -1, -1), null_mask.expand(b, -1), length)
-    outs = model([torch.cat([z, z]) for z in zs], torch.cat([t, t]),
-                 torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask]))
-    return [u + scale * (c - u) for c, u in (o.chunk(2) for o in outs)]
+    tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
+
+    def guided(zs: list[Tensor], t: Tensor) -> list[Tensor]:
+        outs = model([torch.cat([z, z]) for z in zs], torch.cat([t, t]), tokens, mask)
+        return [u + scale * (c - u) for c, u in (o.chunk(2) for o in outs)]
+
+    return guided
 
 
 def _noise(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal noise drawn on the CPU (the same numbers on every device), moved once."""
+    """Standard normal noise drawn on the CPU (the same numbers on every device), moved once.
+
+    On the CPU it is kept channels-last (NHWC): every convolution of the network then runs on NHWC
+    tensors, which oneDNN computes about 1.2x faster than NCHW here (benchmarks/sampling.py). The
+    values are the same; only their order in memory changes.
+    """
     noise = torch.randn(shape, generator=generator, device="cpu")
-    return noise if noise.device == device else noise.to(device)
+    if device.type == "cpu":
+        return noise.contiguous(memory_format=torch.channels_last)
+    return noise.to(device)
 
 
 @torch.inference_mode()
@@ -92,9 +107,10 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     logsnrs = [config.logsnr(times, r) for r in resolutions]  # per level, (T + 1,): the whole schedule, once
     needs_noise = sampler == "ddpm" or (sampler == "ddim" and eta != 0.0)
     previous_x0s: list[Tensor] | None = None  # DPM-Solver++(2M)'s estimates of the last step
+    denoiser = _guided(model, tokens, mask, null_tokens, null_mask, guidance_scale)
     trajectory = []
     for i in tqdm(range(num_steps), desc=f"{sampler} steps", unit="step", disable=not progress, leave=False):
-        preds = _guided(model, zs, times[i].expand(b), tokens, mask, null_tokens, null_mask, guidance_scale)
+        preds = denoiser(zs, times[i].expand(b))
         x0s = []
         for k, (z, pred) in enumerate(zip(zs, preds)):
             logsnr_t, logsnr_s = logsnrs[k][i], logsnrs[k][i + 1]

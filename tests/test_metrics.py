@@ -173,6 +173,18 @@ def test_evaluate_samples_gives_one_row(judge, real):
     assert {f"{name}_accuracy" for name in ATTRIBUTES} <= set(row)
 
 
+def test_evaluate_pipeline_times_its_images_with_and_without_progress_bars(judge, capsys):
+    from mdm_lite.metrics import evaluate_pipeline
+    from mdm_lite.sample import MDMPipeline
+
+    pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
+    for progress in (False, True):
+        row = evaluate_pipeline(pipe, num_samples=3, num_inference_steps=2, batch_size=2, judge=judge,
+                                progress=progress)
+        assert row["n"] == 3 and row["sample_s_per_image"] > 0
+        assert ("image" in capsys.readouterr().err) == progress  # tqdm draws on stderr
+
+
 def test_save_and_load_judge_round_trip(tmp_path, judge, real):
     images, _ = real
     save_judge(judge, tmp_path / "judge.safetensors", {"note": "copy"})
