@@ -171,9 +171,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        """x: (B, in_ch, H, W); emb: (B, emb_dim). Returns (B, out_ch, H, W)."""
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.norm2(h), 1 + scale)  # norm(h) (1 + scale) + shift, one kernel
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
