@@ -160,7 +160,7 @@ SAMPLE_FLAGS = {"num_inference_steps": "num_inference_steps", "guidance_scale": 
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .sample import SAMPLING_OPTIONS, MDMPipeline, save_grid, side_by_side, to_pil
+    from .sample import SAMPLING_OPTIONS, MDMPipeline, save_grid, side_by_side, to_pil, uses_bf16
 
     prompts = _read_prompts(args)
     for flag, option in SAMPLE_FLAGS.items():  # before the minutes of loading and sampling
@@ -172,7 +172,7 @@ def _sample(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     out = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_per_prompt, seed=args.seed,
-               output_type="pt", progress=not args.no_progress)
+               output_type="pt", progress=not args.no_progress, precision=args.precision)
     seconds = time.perf_counter() - start
     output_dir.mkdir(parents=True, exist_ok=True)
     images = side_by_side(out.levels) if args.save_levels else out.images
@@ -182,8 +182,9 @@ def _sample(args: argparse.Namespace) -> int:
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
     (output_dir / "prompts.json").write_text(json.dumps(
         [{"file": f"sample_{i:04d}.png", "prompt": p} for i, p in enumerate(expanded)], indent=2))
-    print(f"wrote {len(expanded)} samples and {grid}: {args.num_inference_steps} {args.sampler} steps in {seconds:.1f} s "
-          f"({seconds / len(expanded):.2f} s/image)")
+    precision = "bf16" if uses_bf16(args.precision, pipe.device) else "fp32"
+    print(f"wrote {len(expanded)} samples and {grid}: {args.num_inference_steps} {args.sampler} steps in {precision}, "
+          f"{seconds:.1f} s ({seconds / len(expanded):.2f} s/image)")
     return 0
 
 
@@ -207,7 +208,7 @@ def _eval(args: argparse.Namespace) -> int:
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                 sampler=args.sampler, seed=args.seed, prompt_sets=args.prompts, device=args.device,
-                                use_ema=not args.no_ema, progress=not args.no_progress)
+                                use_ema=not args.no_ema, progress=not args.no_progress, precision=args.precision)
     print(f"checkpoint {table['checkpoint']} (step {table['step']})")
     sets = table["sets"]
     keys = [k for k in next(iter(sets.values())) if k not in ("split", "phrasing")]
@@ -235,6 +236,10 @@ def _demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot serve on {args.host}:{args.port} ({error.strerror or 'the port is taken'}); "
                          f"pass another --port, e.g. --port {args.port + 1}") from error
     return 0
+
+
+PRECISION_HELP = ("the network in bf16 (autocast) or fp32; auto: bf16 where the hardware computes it natively "
+                  "(a GPU of compute capability 8+, a CPU with AMX), as training does")
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -296,6 +301,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
     s.add_argument("--save_levels", action="store_true", help="save every nesting level side by side")
     s.add_argument("--no_progress", action="store_true", help="no progress bar over the steps")
+    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=PRECISION_HELP)
     s.set_defaults(run=_sample)
 
     f = sub.add_parser("prefetch", help="download a dataset into the cache before training",
@@ -322,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
                    "pairs training never saw")
     e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
     e.add_argument("--no_progress", action="store_true", help="no progress bar over the images and steps")
+    e.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=PRECISION_HELP)
     e.add_argument("--output", default="eval.json", help="where to write the table as JSON")
     e.set_defaults(run=_eval)
 

@@ -382,16 +382,18 @@ PROMPT_SETS = {
 def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = DEFAULT_STEPS,
                       guidance_scale: float = 3.0, sampler: str = DEFAULT_SAMPLER, seed: int = 0, split: str = "train",
                       phrasing: str = "train", batch_size: int = 64, judge: Judge | None = None,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, precision: str = "auto") -> dict:
     """Generate num_samples images from fresh Shapes prompts with an MDMPipeline and score them.
 
     The prompts are the captions of a ShapesDataset(seed=EVAL_SEED + seed, split, phrasing)
     ("heldout" split: shape-colour pairs never trained on; "heldout" phrasing: captions in words
     training never uses); the real images for the Fréchet distance are as many other renders of
     the same split. Returns `evaluate_samples`'s row plus the sampling settings and "sample_s_per_image".
-    progress: a progress bar over the images, and one over the steps of each batch.
+    progress: a progress bar over the images, and one over the steps of each batch; precision: the
+    pipeline's ("auto", "fp32" or "bf16").
     """
     from .data import ShapesDataset
+    from .sample import uses_bf16
 
     judge = judge or load_judge()
     size = pipe.resolutions[0]
@@ -407,7 +409,7 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = D
         for i in range(0, num_samples, batch_size):
             batches.append(pipe([c for c, _ in scenes[i:i + batch_size]], num_inference_steps=num_inference_steps,
                                 guidance_scale=guidance_scale, sampler=sampler, generator=generator,
-                                output_type="pt", progress=progress).images)
+                                output_type="pt", progress=progress, precision=precision).images)
             bar.update(len(batches[-1]))
             bar.set_postfix(s_per_image=f"{(time.perf_counter() - start) / (i + len(batches[-1])):.2f}")
     images = torch.cat(batches)
@@ -415,7 +417,8 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = D
     real_images = torch.stack([real[i]["image"] for i in range(num_samples)])
     row = evaluate_samples(images, [a for _, a in scenes], real_images, judge)
     return {**row, "split": split, "phrasing": phrasing, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "sampler": sampler, "sample_s_per_image": elapsed / num_samples}
+            "guidance_scale": guidance_scale, "sampler": sampler,
+            "precision": "bf16" if uses_bf16(precision, pipe.device) else "fp32", "sample_s_per_image": elapsed / num_samples}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 256, device: str = "auto", use_ema: bool = True,

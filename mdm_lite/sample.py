@@ -22,10 +22,10 @@ from PIL import Image
 from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, load_weights
-from .config_check import ConfigError, Device, NonNegative, Positive, Seed, check_value
+from .config_check import ConfigError, Device, NonNegative, OneOf, Positive, Seed, check_value
 from .memory import check_fits
 from .diffusion import DiffusionConfig
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, sample
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample
 from .nested import NestedUNet, NestedUNetConfig
 from .text import TextEncoder
 
@@ -56,8 +56,18 @@ def resolve_device(device: str | torch.device) -> torch.device:
 SAMPLING_OPTIONS = {
     "prompt": list[str], "num_inference_steps": Annotated[int, Positive], "guidance_scale": float,
     "eta": Annotated[float, NonNegative], "num_images_per_prompt": Annotated[int, Positive],
-    "seed": Annotated[int, Seed] | None,
+    "seed": Annotated[int, Seed] | None, "sampler": Annotated[str, OneOf(*SAMPLERS)],
+    "precision": Annotated[str, OneOf("auto", "fp32", "bf16")],
 }
+
+
+def uses_bf16(precision: str, device: torch.device) -> bool:
+    """Whether sampling at `precision` runs the network under bf16 autocast: "bf16", or "auto" where
+    training's "auto" picks bf16, on hardware that computes it natively (`mdm_lite.train.choose_precision`:
+    a GPU of compute capability 8 or newer, a CPU with AMX); "fp32" never."""
+    from .train import TrainConfig, choose_precision
+
+    return choose_precision(TrainConfig(precision=precision), device)[0]
 
 
 class SamplingFailed(RuntimeError):
@@ -105,18 +115,22 @@ class MDMPipeline:
     def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 3.0,
                  sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, num_images_per_prompt: int = 1,
                  seed: int | None = 0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_trajectory: bool = False, progress: bool = False) -> PipelineOutput:
+                 return_trajectory: bool = False, progress: bool = False, precision: str = "auto") -> PipelineOutput:
         """Generate num_images_per_prompt images for each prompt (same order, repeats adjacent).
 
         guidance_scale: classifier-free guidance weight (1 = none); sampler: "dpmpp" (DPM-Solver++(2M)),
         "ddim" or "ddpm" (`mdm_lite.samplers`); seed: fixes the noise (ignored when a generator is
-        given); output_type "pil" or "pt"; progress: a progress bar over the steps.
+        given); output_type "pil" or "pt"; progress: a progress bar over the steps; precision:
+        "fp32", "bf16" (the network under autocast; the sampler's arithmetic stays fp32) or "auto"
+        (`uses_bf16`). On this machine's CPU (AMX) bf16 samples 1.8x faster than fp32, with the same
+        prompt accuracy and judge FD for the shipped checkpoint (README).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ConfigError("no prompts given; pass at least one prompt")
         options = {"prompt": prompts, "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                   "eta": eta, "num_images_per_prompt": num_images_per_prompt, "seed": seed}
+                   "eta": eta, "num_images_per_prompt": num_images_per_prompt, "seed": seed, "sampler": sampler,
+                   "precision": precision}
         for name, value in options.items():
             check_value(name, value, SAMPLING_OPTIONS[name])
         check_fits(self.model.config, self.device, images=len(prompts) * num_images_per_prompt)
@@ -125,10 +139,11 @@ class MDMPipeline:
             generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
         text = self.text_encoder(prompts)
         null = self.text_encoder([""])
-        out = sample(self.model, self.resolutions, self.diffusion, text.tokens, text.mask,
-                     null_tokens=null.tokens, null_mask=null.mask, num_steps=num_inference_steps,
-                     sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator,
-                     device=self.device, return_trajectory=return_trajectory, progress=progress)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=uses_bf16(precision, self.device)):
+            out = sample(self.model, self.resolutions, self.diffusion, text.tokens, text.mask,
+                         null_tokens=null.tokens, null_mask=null.mask, num_steps=num_inference_steps,
+                         sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator,
+                         device=self.device, return_trajectory=return_trajectory, progress=progress)
         levels, trajectory = out if return_trajectory else (out, None)
         levels = [x.float().cpu() for x in levels]
         if not all(torch.isfinite(x).all() for x in levels):

@@ -11,7 +11,9 @@ Samplers:
 - "dpmpp", DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): a second-order
   multistep solver of the diffusion ODE in its data-prediction form, as diffusers'
   ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. It reuses the
-  previous step's x0 estimate instead of a second network call.
+  previous step's x0 estimate instead of a second network call. The default, at 20 steps: for the
+  shipped Shapes checkpoint it matches DDIM at 50 steps in prompt accuracy and judge FD
+  (`mdm-lite eval`, 64 images), 2.5 times fewer network calls.
 - "ddim" (Song et al. 2021): first order; eta = 0 deterministic, eta = 1 the DDPM posterior.
 - "ddpm" (Ho et al. 2020): ancestral sampling from q(z_s | z_t, x0).
 
@@ -30,8 +32,8 @@ from .diffusion import DiffusionConfig
 from .schedule import alpha_sigma, discrete_timesteps, eps_from_x0, predict_x0_eps
 
 SAMPLERS = ("dpmpp", "ddim", "ddpm")
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 50
+DEFAULT_SAMPLER = "dpmpp"
+DEFAULT_STEPS = 20
 
 
 def _pad_to(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:

@@ -182,7 +182,7 @@ def test_sample_shows_a_progress_bar_unless_no_progress_and_reports_seconds_per_
                                  *flag)
         assert status == 0
         assert ("dpmpp steps" in "".join(err)) == (not flag)  # tqdm draws on stderr
-        assert re.search(r"3 dpmpp steps in [0-9.]+ s \([0-9.]+ s/image\)", out), out
+        assert re.search(r"3 dpmpp steps in (fp32|bf16), [0-9.]+ s \([0-9.]+ s/image\)", out), out
 
 
 def test_save_levels_puts_every_level_side_by_side(run, tmp_path, capsys):
@@ -200,9 +200,10 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
 @pytest.mark.parametrize("command, shown", [
     ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
                "(cpu preset: 1.0)", "(cpu preset: 0.0 1.0)"]),
-    ("sample", ["(default: 50)", "(default: ddim)", "(default: generated)", "(default: 0)",
+    ("sample", ["(default: 20)", "(default: dpmpp)", "(default: auto)", "(default: generated)", "(default: 0)",
                 "or shapes (the one shipped in the package)"]),
-    ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])", "(default: eval.json)"]),
+    ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])", "(default: eval.json)",
+              "(default: 20)", "(default: dpmpp)", "(default: auto)"]),
     ("demo", ["(default: shapes)", "(default: 7860)", "(default: 127.0.0.1)"]),
 ])
 def test_help_shows_every_default(command, shown, capsys):
