@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         if error.errno not in DISK_ERRORS:
             raise
-        return fail(f"cannot write {error.filename or 'a file'} ({error.strerror}): free some space or choose a "
-                    f"writable --output_dir; {_saved(args)}", 1)
+        where = error.filename or getattr(args, "run_folder", None) or getattr(args, "output_dir", "a file")
+        return fail(f"cannot write {where} ({error.strerror}): free some space or choose a writable --output_dir; "
+                    f"{_saved(args)}", 1)
     except RuntimeError as error:
         if not _out_of_memory(error):
             raise

@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import functools
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ class OneOf:
 
 @dataclass(frozen=True)
 class Rule:
-    """Any other condition: `holds(value)`, described as `rule` ("even", "not empty", ...)."""
+    """Any other condition: `test(value)`, described as `rule` ("even", "non-empty", ...)."""
 
     test: Callable[[Any], bool]
     rule: str
@@ -126,7 +127,8 @@ Seed = Range(0, 2 ** 63 - 1)
 def _shown(value) -> str:
     """A value as an error message shows it: its repr, cut at 60 characters, and its JSON kind
     where the repr alone could mislead ('2' is a string, not a number)."""
-    text = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    text = repr(list(value) if isinstance(value, tuple) else value)  # as JSON and the CLI write it
+    text = text if len(text) <= 60 else text[:57] + "..."
     kind = {str: "a string", list: "a list", tuple: "a list", dict: "an object"}.get(type(value))
     return f"{text} ({kind})" if kind else text
 
@@ -180,8 +182,8 @@ def check_value(name: str, value, kind):
     if kind is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"must be a number, got {_shown(value)}", name)
-        if not math.isfinite(value):
-            raise ConfigError(f"must be a finite number, got {value}", name)
+        if abs(value) > sys.float_info.max or not math.isfinite(value):  # an int can be too large for a float
+            raise ConfigError(f"must be a finite number, got {_shown(value)}", name)
         return float(value)
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):

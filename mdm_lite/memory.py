@@ -112,7 +112,13 @@ def check_fits(config: NestedUNetConfig, device: torch.device, *, batch_size: in
     free = available_bytes(device)
     if free is None:
         return
-    fp = footprint(config)
+    try:
+        fp = footprint(config)
+    except RuntimeError as error:  # shapes whose sizes overflow 64 bits, even on the meta device
+        if "overflow" not in str(error):
+            raise
+        raise ConfigError(f"this model's tensors at image_size {config.image_size} are too large to count "
+                          f"({str(error).splitlines()[0][:80]}): use a smaller image_size") from None
     if batch_size is not None:
         need = fp.training_bytes(batch_size)
         if need > free:
@@ -125,6 +131,8 @@ def check_fits(config: NestedUNetConfig, device: torch.device, *, batch_size: in
         need = fp.sampling_bytes(images)
         if need > free:
             largest = max(0, (free - fp.sampling_bytes(0)) // (fp.sampling_bytes(1) - fp.sampling_bytes(0)))
-            raise ConfigError(f"sampling {images} images at once needs at least {_size(need)} but {device} has "
-                              f"{_size(free)} free: ask for at most {largest} (fewer prompts or --num_per_prompt), "
-                              "and run again with another --seed for more")
+            fix = (f"ask for at most {largest} (fewer prompts or --num_per_prompt), and run again with another "
+                   "--seed for more" if largest else f"this model ({_size(fp.parameters, '')} parameters) is too "
+                   "large for it: use a smaller one")
+            raise ConfigError(f"sampling {images} image{'s' if images > 1 else ''} at once needs at least "
+                              f"{_size(need)} but {device} has {_size(free)} free: {fix}")

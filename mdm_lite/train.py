@@ -112,6 +112,10 @@ class TrainConfig:
         if weights is not None and len(weights) != self.model.num_levels:
             raise ConfigError(f"has {len(weights)} entries for a {self.model.num_levels}-level model: give one weight "
                               "per level, outermost first, or null", "diffusion.loss_weights")
+        reserved = sorted(set(self.dataset_options) & {"name", "split", "image_size", "max_samples"})
+        if reserved:
+            raise ConfigError(f"has {reserved[0]!r}, which the run sets itself (image_size from the model's, "
+                              "max_samples from --max_samples): remove it", "dataset_options")
         for name in ("in_channels", "out_channels"):
             if getattr(self.model.inner, name) != 3:
                 raise ConfigError(f"must be 3 (the datasets and the sampler make RGB images), got "

@@ -119,6 +119,7 @@ def test_configs_built_in_python_are_checked_as_json_ones_are(config):
     ("length=abc", ["--dataset_option length", "integer"]),
     ("length=0", ["length", "at least 1"]),
     ("length", ["not key=value"]),
+    ("image_size=8", ["dataset_options", "'image_size'", "remove it"]),
 ])
 def test_a_bad_dataset_option_is_one_line_naming_it(option, words, tmp_path, capsys):
     status, line = _call(capsys, *_train(tmp_path, "--output_dir", tmp_path / "out", "--dataset_option", option))
@@ -281,6 +282,15 @@ def test_non_finite_sampling_options_and_weights_are_refused(case, words, run, t
     assert not (tmp_path / "out").exists()
 
 
+def test_samples_that_come_out_non_finite_are_a_failed_run_not_black_images(run, tmp_path, monkeypatch, capsys):
+    def overflowing(model, resolutions, *args, **kwargs):  # what weights that overflow on these prompts give
+        return [torch.full((1, 3, r, r), math.nan) for r in resolutions]
+
+    monkeypatch.setattr("mdm_lite.sample.sample", overflowing)
+    status, line = _call(capsys, *_sample(run.config.output_dir, tmp_path / "out"))
+    assert status == 1 and "non-finite images" in line and not (tmp_path / "out").exists(), line
+
+
 def _optimizer_tensors(tmp, run_dir, change) -> Path:
     """A copy of the run whose latest optimizer.safetensors is changed by `change(path)`."""
     copy = tmp / "copy"
@@ -343,6 +353,16 @@ def test_misc_bad_input_is_one_line_that_names_the_option_or_the_fix(case, run, 
     status, line = _call(capsys, *argv(tmp_path, run.config.output_dir))
     assert status == 2 and line.startswith("mdm-lite: error: ") and all(w in line for w in words), line
     assert not (tmp_path / "out").exists() and snapshot(Path(run.config.output_dir)) == before
+
+
+def test_a_half_written_metrics_line_from_a_killed_run_does_not_stop_a_resume(run, tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    shutil.copytree(run.config.output_dir, output_dir, symlinks=True)
+    with open(output_dir / "metrics.jsonl", "a") as log:
+        log.write('{"step": 5, "loss": 0.3')  # the write the kill cut short
+    status, _ = _call(capsys, *_train(tmp_path, "--output_dir", output_dir, "--resume", "--max_steps", 5))
+    steps = [json.loads(line)["step"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert status == 0 and steps == [1, 2, 3, 4, 5]
 
 
 def _press_ctrl_c(monkeypatch, at_step: int, times: int):
