@@ -1,11 +1,20 @@
-"""Seconds to sample 16 images at 50 DDIM steps with guidance (two forward passes per step), for the
-CPU preset's NestedUNet and the flat UNet of the same size, in one process; prints the ratio and
-the peak memory.
+"""Seconds per image of sampling with guidance, per sampler, step count and precision, in one process.
 
-    python benchmarks/sampling.py [--num_images 16] [--steps 50]
+Samples --num_images images with the CPU preset's NestedUNet (random weights: the speed does not
+depend on them), guidance 3 (both halves of classifier-free guidance in one batch of 2N), with
+each of DDIM 50, DDIM 20, DPM-Solver++(2M) 20 and 15 steps, in fp32 and under bf16 autocast (as
+`MDMPipeline(precision="bf16")`). The runs go round by round, every run once per round, so that
+other jobs on the machine slow all of them alike; each time is the median over the rounds, and
+the speeds are given against DDIM 50 in fp32. --clock cpu times this process's CPU time instead
+of the wall clock (with --threads 1 on a shared machine: only the time it computed). Prints the
+peak memory (max RSS) after the first run alone (sampling num_images images) and at the end.
+
+    python benchmarks/sampling.py [--num_images 16] [--rounds 3] [--runs ddim:50 dpmpp:20 ...]
+        [--precisions fp32 bf16] [--threads N] [--clock wall|cpu] [--flat]
 """
 import argparse
 import resource
+import statistics
 import time
 
 import torch
@@ -15,30 +24,65 @@ from mdm_lite.samplers import sample
 from mdm_lite.train import TrainConfig, flat_baseline
 
 
-def seconds(model, num_images, steps):
-    tokens, mask = torch.randn(num_images, 16, 384), torch.ones(num_images, 16, dtype=torch.bool)
-    null_tokens, null_mask = torch.randn(1, 2, 384), torch.ones(1, 2, dtype=torch.bool)
-    start = time.perf_counter()
-    sample(model.eval(), model.config.resolutions, DiffusionConfig(), tokens, mask, null_tokens=null_tokens,
-           null_mask=null_mask, num_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - start
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sampling_run(model, num_images: int, sampler: str, steps: int, precision: str):
+    g = torch.Generator().manual_seed(0)
+    tokens, mask = torch.randn(num_images, 16, 384, generator=g), torch.ones(num_images, 16, dtype=torch.bool)
+    null_tokens, null_mask = torch.randn(1, 2, 384, generator=g), torch.ones(1, 2, dtype=torch.bool)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            sample(model, model.config.resolutions, DiffusionConfig(), tokens, mask, null_tokens=null_tokens,
+                   null_mask=null_mask, num_steps=steps, sampler=sampler, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(0))
+
+    return run
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num_images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; every run once per round")
+    parser.add_argument("--runs", nargs="+", default=["ddim:50", "ddim:20", "dpmpp:20", "dpmpp:15"],
+                        help="SAMPLER:STEPS; the first, in the first precision, is the reference")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--flat", action="store_true", help="also the flat UNet of the same size, in the first run")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock or this process's CPU time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     nested_cfg = TrainConfig().model
-    results = {}
-    for name, cfg in (("nested", nested_cfg), ("flat", flat_baseline(nested_cfg))):
-        model = NestedUNet(cfg)
-        results[name] = s = seconds(model, args.num_images, args.steps)
-        print(f"{name:6s} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params: {args.num_images} images "
-              f"x {args.steps} steps in {s:.1f} s ({s / args.num_images:.2f} s per image), {torch.get_num_threads()} threads")
-    print(f"ratio flat / nested time: {results['flat'] / results['nested']:.2f}x")
-    print(f"peak memory of this process (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    models = {"nested": NestedUNet(nested_cfg).eval()}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.num_images} images, guidance 3, "
+          f"{args.clock} clock, {args.rounds} rounds; {sum(p.numel() for p in models['nested'].parameters()) / 1e6:.2f}M "
+          "parameters")
+    specs = [(sampler, int(steps)) for sampler, steps in (run.split(":") for run in args.runs)]
+    runs = {("nested", sampler, steps, precision): sampling_run(models["nested"], args.num_images, sampler, steps, precision)
+            for precision in args.precisions for sampler, steps in specs}
+    first = next(iter(runs))
+    runs[first]()  # warm-up, alone: the memory of sampling num_images images
+    print(f"peak memory sampling {args.num_images} images (max RSS): {peak_rss_mib():.0f} MiB")
+    if args.flat:
+        models["flat"] = NestedUNet(flat_baseline(nested_cfg)).eval()
+        runs[("flat",) + first[1:]] = sampling_run(models["flat"], args.num_images, *first[1:])
+    seconds = {key: [] for key in runs}
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            start = clock()
+            run()
+            seconds[key].append((clock() - start) / args.num_images)
+    reference = statistics.median(seconds[first])
+    for (name, sampler, steps, precision), times in seconds.items():
+        per_image = statistics.median(times)
+        print(f"{name:6s} {sampler:5s} {steps:3d} steps {precision}: {per_image:6.3f} s per image, "
+              f"{reference / per_image:5.2f}x the speed of {first[1]} {first[2]} {first[3]}")
+    print(f"peak memory of this process at the end (max RSS): {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,66 +1,175 @@
-"""Images per second of one training step (forward, backward, AdamW) at 64x64 on this machine.
+"""Images per second of one training step (forward, backward, AdamW) at 64x64, against references.
 
-Runs the default NestedUNet and a single-level 64x64 UNet of about the same parameter count, in
-fp32 and under bf16 autocast, in one process, and prints each speed and the ratios against the
-fp32 NestedUNet (the reference run).
+Models, each in fp32 and under bf16 autocast, all in one process:
 
-    python benchmarks/train_step.py [--batch_size 16] [--steps 5] [--preset cpu]
+- the preset's NestedUNet (the reference of every ratio);
+- diffusers' UNet2DConditionModel of about as many parameters (2.49M for the cpu preset's 2.50M:
+  4 levels 64/32/16/8 of 36/72/72/72 channels, one ResNet block per level, cross-attention at
+  8x8), trained on the same v target with the same optimizer, when diffusers is installed;
+- with --flat, the single-level UNet of the same size (`flat_baseline`).
+
+The timed steps run round by round, every model and dtype once per round, so that other jobs on
+the machine slow all of them alike; each speed is the median over the rounds. --clock cpu times
+the process's CPU time instead of the wall clock: with one thread (--threads 1) on a shared
+machine it counts only the time this process computed. Also printed: the GFLOP of a step per
+image (convolutions and matrix products, forward and backward, counted by
+torch.utils.flop_counter), the fraction of the matmul peak measured in the same process (a
+2048^3 product in fp32 and in bf16) that it reaches, and the peak memory (max RSS): after the
+NestedUNet's first steps alone (that is the memory of training it), and at the end.
+
+    python benchmarks/train_step.py [--batch_size 16] [--rounds 3] [--steps 2] [--preset cpu]
+        [--dtypes fp32 bf16] [--flat] [--no_diffusers] [--compile] [--threads N] [--clock wall|cpu]
 """
 import argparse
 import resource
+import statistics
 import time
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from mdm_lite import DiffusionConfig, NestedUNet, multires_loss
+from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
 from mdm_lite.train import PRESETS, flat_baseline
 
+TEXT_LENGTH = 12
 
-def images_per_second(model, batch_size, steps, dtype, text_dim):
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def diffusers_unet(text_dim: int):
+    """diffusers' UNet2DConditionModel with about the cpu preset's parameters, or None without diffusers."""
+    try:
+        from diffusers import UNet2DConditionModel
+    except ImportError:
+        return None
+    return UNet2DConditionModel(
+        sample_size=64, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(36, 72, 72, 72),
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=3, norm_num_groups=4)  # 3 heads of 24 channels
+
+
+def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False):
+    """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1
+    tokens = torch.randn(batch_size, TEXT_LENGTH, text_dim, generator=g)
+    mask = torch.ones(batch_size, TEXT_LENGTH, dtype=torch.bool)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.rand(batch_size, 3, 64, 64) * 2 - 1
-    tokens = torch.randn(batch_size, 12, text_dim)
-    mask = torch.ones(batch_size, 12, dtype=torch.bool)
-    cfg = DiffusionConfig()
-    levels = model.config.num_levels
+    net = torch.compile(model) if compiled else model
+    config = DiffusionConfig()
+
+    def loss_of_step() -> torch.Tensor:
+        if isinstance(model, NestedUNet):
+            return multires_loss(net, x, tokens, mask, config, model.config.num_levels, generator=g)[0]
+        t = torch.rand(batch_size, generator=g)  # the 64x64 level's schedule, the same v target
+        logsnr, eps = config.logsnr(t, 64), torch.randn(x.shape, generator=g)
+        pred = net(add_noise(x, eps, logsnr), (1000 * t).long(), tokens, encoder_attention_mask=mask).sample
+        return F.mse_loss(pred.float(), velocity(x, eps, logsnr))
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss, _ = multires_loss(model, x, tokens, mask, cfg, levels)
+            loss = loss_of_step()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    step()  # warm-up: allocator and kernels
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return batch_size * steps / (time.perf_counter() - start)
+    def flops_per_image() -> float:
+        with FlopCounterMode(display=False) as counter, torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss_of_step().backward()
+        opt.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / batch_size
+
+    step.flops_per_image = flops_per_image
+    return step
+
+
+def matmul_peak(dtype: torch.dtype, clock, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` size^3 matrix products."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        a @ b
+        best = min(best, clock() - start)
+    return 2 * size ** 3 / best
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; every run once per round")
+    parser.add_argument("--steps", type=int, default=2, help="training steps per run and round")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--flat", action="store_true", help="also the single-level UNet of the same size")
+    parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
+    parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock or this process's CPU time")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     torch.manual_seed(0)
     nested_cfg = PRESETS[args.preset]().model
-    models = {"nested": NestedUNet(nested_cfg), "flat": NestedUNet(flat_baseline(nested_cfg))}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, preset {args.preset}")
-    results = {}
+    text_dim = nested_cfg.inner.text_dim
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, preset {args.preset}, "
+          f"{args.clock} clock, {args.rounds} rounds of {args.steps} steps")
+
+    models = {"nested": NestedUNet(nested_cfg)}
+    runs = {("nested", dtype): training_step(models["nested"], args.batch_size, dtype, text_dim) for dtype in args.dtypes}
+    for run in runs.values():  # warm-up: allocator, oneDNN kernels
+        run()
+    print(f"peak memory training the NestedUNet at batch {args.batch_size} (max RSS): {peak_rss_mib():.0f} MiB")
+    if args.compile:
+        start = time.perf_counter()
+        compiled = training_step(NestedUNet(nested_cfg), args.batch_size, args.dtypes[0], text_dim, compiled=True)
+        compiled()
+        print(f"torch.compile: first step (compiling) took {time.perf_counter() - start:.0f} s")
+        runs["nested+compile", args.dtypes[0]] = compiled
+    if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
+        models["diffusers"] = unet
+    if args.flat:
+        models["flat"] = NestedUNet(flat_baseline(nested_cfg))
     for name, model in models.items():
-        n = sum(p.numel() for p in model.parameters())
-        for dtype in args.dtypes:
-            results[name, dtype] = ips = images_per_second(model, args.batch_size, args.steps, dtype, nested_cfg.inner.text_dim)
-            print(f"{name:7s} {n / 1e6:6.2f}M params  {dtype}: {ips:7.1f} images/s")
-    ref = results["nested", args.dtypes[0]]
-    for key, ips in results.items():
-        print(f"ratio {key[0]}/{key[1]} vs nested/{args.dtypes[0]}: {ips / ref:.2f}x")
-    for dtype in args.dtypes:
-        print(f"ratio nested vs flat, {dtype}: {results['nested', dtype] / results['flat', dtype]:.2f}x")
-    print(f"peak memory of this process (max RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        if name != "nested":
+            for dtype in args.dtypes:
+                runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim)
+                runs[name, dtype]()
+
+    seconds = {key: [] for key in runs}
+    for _ in range(args.rounds):
+        for key, run in runs.items():
+            start = clock()
+            for _ in range(args.steps):
+                run()
+            seconds[key].append((clock() - start) / args.steps)
+    peaks = {"fp32": matmul_peak(torch.float32, clock), "bf16": matmul_peak(torch.bfloat16, clock)}
+    print(f"matmul peak (2048^3, best of 5): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+
+    speed = {}
+    for key, run in runs.items():
+        name, dtype = key
+        model = models[name.split("+")[0]]
+        speed[key] = args.batch_size / statistics.median(seconds[key])
+        flops = run.flops_per_image() if "compile" not in name else runs[name.split("+")[0], dtype].flops_per_image()
+        print(f"{name:15s} {sum(p.numel() for p in model.parameters()) / 1e6:5.2f}M params  {dtype}: "
+              f"{speed[key]:6.1f} images/s, {flops / 1e9:.2f} GFLOP/image, "
+              f"{speed[key] * flops / peaks[dtype]:5.1%} of the {dtype} matmul peak")
+    reference = ("nested", args.dtypes[0])
+    for key, ips in speed.items():
+        if key != reference:
+            print(f"ratio {key[0]}/{key[1]} vs {reference[0]}/{reference[1]}: {ips / speed[reference]:.2f}x")
+    for name in models:
+        if name != "nested":
+            for dtype in args.dtypes:
+                print(f"ratio nested vs {name}, {dtype}: {speed['nested', dtype] / speed[name, dtype]:.2f}x")
+    print(f"peak memory of this process at the end (max RSS): {peak_rss_mib():.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,6 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     zs = [_noise((b, 3, r, r), generator, device) for r in resolutions]
     times = discrete_timesteps(num_steps, device=device)
     logsnrs = [config.logsnr(times, r) for r in resolutions]  # per level, (T + 1,): the whole schedule, once
-    needs_noise = sampler == "ddpm" or (sampler == "ddim" and eta != 0.0)
     previous_x0s: list[Tensor] | None = None  # DPM-Solver++(2M)'s estimates of the last step
     denoiser = _guided(model, tokens, mask, null_tokens, null_mask, guidance_scale)
     trajectory = []
@@ -129,7 +128,7 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
             else:
                 if clip_sample:
                     eps = eps_from_x0(z, x0, logsnr_t)
-                noise = _noise(z.shape, generator, device) if needs_noise else torch.zeros_like(z)
+                noise = _noise(z.shape, generator, device) if eta != 0.0 else torch.zeros_like(z)  # eta 0: unused
                 zs[k] = ddim_step(z, x0, eps, logsnr_t, logsnr_s, noise, eta)
             x0s.append(x0)
         previous_x0s = x0s
