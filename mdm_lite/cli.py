@@ -347,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
 BAD_INPUT = (ConfigError, CheckpointError, DatasetError, TextEncoderError)
 # What a full disk, a folder made read-only or lost permissions raise: a failed run, not a bug.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+# A path in the way (a folder where a file goes, or the reverse) or one too long: bad input.
+PATH_ERRORS = {errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.ELOOP}
 
 
 def _saved(args: argparse.Namespace) -> str:
@@ -355,7 +357,10 @@ def _saved(args: argparse.Namespace) -> str:
     folder = getattr(args, "run_folder", None)
     if folder is None:
         return "nothing that was there before was changed"
-    pointers = [p for p in (folder / "checkpoint_latest", *folder.glob("*/checkpoint_latest")) if p.exists()]
+    try:
+        pointers = [p for p in (folder / "checkpoint_latest", *folder.glob("*/checkpoint_latest")) if p.exists()]
+    except OSError:  # a folder that cannot be looked at (a name too long) holds nothing saved
+        pointers = []
     if not pointers:
         return "no checkpoint was saved yet: run the same command again"
     newest = resolve_checkpoint(max(pointers, key=lambda p: p.stat().st_mtime))
@@ -386,9 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingDiverged, SamplingFailed) as error:
         return fail(str(error), 1)
     except OSError as error:
+        where = error.filename or getattr(args, "run_folder", None) or getattr(args, "output_dir", "a file")
+        if error.errno in PATH_ERRORS:
+            return fail(f"error: cannot use {str(where)[:200]} ({error.strerror}): move what is in the way, or "
+                        f"choose another path; {_saved(args)}", 2)
         if error.errno not in DISK_ERRORS:
             raise
-        where = error.filename or getattr(args, "run_folder", None) or getattr(args, "output_dir", "a file")
         return fail(f"cannot write {where} ({error.strerror}): free some space or choose a writable --output_dir; "
                     f"{_saved(args)}", 1)
     except RuntimeError as error:

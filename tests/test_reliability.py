@@ -328,6 +328,14 @@ def _pickle_only_encoder(tmp):
     return folder
 
 
+def _lock_that_is_a_folder(tmp, run_dir):
+    copy = tmp / "copy"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    (copy / ".lock").unlink(missing_ok=True)
+    (copy / ".lock").mkdir()
+    return copy
+
+
 MISC = {
     "sample --device tpu": (lambda tmp, run: _sample(run, tmp / "out", "--device", "tpu"),
                             ["--device", "auto, cpu, cuda"]),
@@ -341,6 +349,8 @@ MISC = {
         tmp, run, _rename_a_tensor), "--resume"), ["'exp_avg'", "fits no parameter", "checkpoint_000002"]),
     "--init_from a checkpoint missing a key": (lambda tmp, run: _train(
         tmp, "--output_dir", tmp / "out", "--init_from", _drop_a_key(tmp, run)), ["do not fit", "Missing key"]),
+    "a .lock that is a folder": (lambda tmp, run: _train(tmp, "--output_dir", _lock_that_is_a_folder(tmp, run),
+                                                         "--resume"), ["cannot use", ".lock", "Is a directory"]),
     "a text encoder with only a pickle": (lambda tmp, run: _train(
         tmp, "--output_dir", tmp / "out", "--text_encoder", _pickle_only_encoder(tmp)), ["safetensors", "pickle"]),
 }
