@@ -70,7 +70,7 @@ class NestedUNetConfig:
             resolution=self.image_size, in_channels=self.inner.in_channels, out_channels=self.inner.out_channels,
             channels=self.shell_channels, channel_mult=(1, 2), num_res_blocks=self.shell_num_res_blocks,
             attention_resolutions=(), head_dim=self.inner.head_dim, dropout=self.inner.dropout,
-            text_dim=self.inner.text_dim, emb_dim=self.inner.emb_dim, middle=False,
+            text_dim=self.inner.text_dim, emb_dim=self.inner.emb_dim, middle=False, downsample=self.inner.downsample,
         )
 
 

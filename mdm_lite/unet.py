@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config_check import ConfigError, NonEmpty, NonNegative, Positive, Range, Rule, check_fields
+from .config_check import ConfigError, NonEmpty, NonNegative, OneOf, Positive, Range, Rule, check_fields
 
 Even = Rule(lambda n: n % 2 == 0, "even", hint="the time embedding splits the channels into cos and sin halves")
 
@@ -41,6 +41,9 @@ class UNetConfig:
             are blind to absolute position except through the zero padding at the border, and
             near t = 1 the input is noise: where "top left" is must come from somewhere. The
             shipped Shapes checkpoint uses it; whether it needs it is not measured yet.
+        downsample: "pool" (2x2 average pooling then a 3x3 conv, aligned with the image pyramid;
+            see `Downsample`) or "stride" (a stride-2 3x3 conv, off the pyramid's grid by half a
+            pixel; checkpoints saved before this option existed use it, and load with it).
     """
 
     resolution: Annotated[int, Positive] = 32
@@ -56,6 +59,7 @@ class UNetConfig:
     emb_dim: Annotated[int, Positive] | None = None
     middle: bool = True
     position_embedding: bool = False
+    downsample: Annotated[str, OneOf("pool", "stride")] = "pool"
 
     def __post_init__(self):
         check_fields(self)
@@ -227,22 +231,24 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve the resolution: 2x2 average pooling, then a 3x3 conv.
+    """Halve the resolution: 2x2 average pooling, then a 3x3 conv (`stride=False`, the default).
 
     Pixel j of the result covers input pixels 2j and 2j + 1, exactly as the average-pooled image
     pyramid of MDM's loss (Sec. 3.1), so a shell's bottleneck lines up with the inner level's image
     and with `Upsample`'s nearest-neighbour copy back to 2j and 2j + 1. The usual stride-2 3x3 conv
-    centres pixel j on input 2j instead: half a pixel towards the top left, and its last output row
-    sees no padding while its first does. That left the 64x64 level with noisy bottom rows and
-    left columns; this layout is the same under a mirror flip (tests/test_models.py).
+    (`stride=True`, kept for checkpoints trained with it) centres pixel j on input 2j instead: half
+    a pixel towards the top left, and its last output row sees no padding while its first does.
+    That left the 64x64 level with noisy bottom rows and left columns; the pooled layout is the same
+    under a mirror flip (tests/test_models.py). Both have the same parameters.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, stride: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.stride = stride
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2 if stride else 1, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.avg_pool2d(x, 2))
+        return self.conv(x if self.stride else F.avg_pool2d(x, 2))
 
 
 class Upsample(nn.Module):
@@ -300,7 +306,7 @@ class UNet(nn.Module):
                 ch = out_ch
                 skip_chans.append(ch)
             if level < len(chans) - 1:
-                self.down.append(Downsample(ch))
+                self.down.append(Downsample(ch, stride=cfg.downsample == "stride"))
                 skip_chans.append(ch)
                 res //= 2
         self.bottleneck_channels = ch

@@ -39,3 +39,24 @@ def test_bf16_sampling_follows_fp32_to_bf16_rounding_and_auto_picks_it_where_tra
     native = choose_precision(TrainConfig(precision="auto"), pipe.device)[0]
     assert uses_bf16("auto", pipe.device) == native
     assert all(torch.equal(a, b) for a, b in zip(auto.levels, (bf16 if native else fp32).levels))
+
+
+def test_a_checkpoint_from_before_the_downsample_option_loads_with_the_stride_2_conv_it_was_trained_with(tmp_path):
+    from mdm_lite.unet import Downsample
+
+    path = PRETRAINED["shapes"]
+    inner = json.loads((path / "config.json").read_text())["model"]["inner"]
+    pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
+    layers = [m for m in pipe.model.modules() if isinstance(m, Downsample)]
+    if "downsample" in inner:  # a checkpoint saved with the option says which it uses
+        assert all(m.stride == (inner["downsample"] == "stride") for m in layers)
+    else:
+        assert layers and all(m.stride for m in layers) and pipe.model.config.inner.downsample == "stride"
+    config = json.loads((path / "config.json").read_text())  # a new config.json keeps its choice
+    config["model"]["inner"]["downsample"] = "pool"
+    copy = tmp_path / "ckpt"
+    copy.mkdir()
+    for f in path.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "config.json").write_text(json.dumps(config))
+    assert load_checkpoint(copy).config["model"]["inner"]["downsample"] == "pool"
