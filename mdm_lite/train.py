@@ -375,6 +375,12 @@ class _Interrupt:
 _INTERRUPT = _Interrupt()
 
 
+def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C, which the terminal sends to it too: the trainer finishes
+    its step and saves, and needs its workers for that (they would die, or repeat its message)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _one_run_per_output_dir(function):
     """`train` with Ctrl-C handled by _INTERRUPT, and the lock it takes on its output_dir released
     however it ends."""
@@ -486,7 +492,7 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
         # which would shift the dropout of a run resumed mid-epoch.
         loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
-                                 num_workers=config.num_workers,
+                                 num_workers=config.num_workers, worker_init_fn=_leave_ctrl_c_to_the_trainer,
                                  generator=torch.Generator().manual_seed(config.seed + epoch)))
         while batch_in_epoch < len(batches) and step < total_steps and not stop:
             step_start = time.perf_counter()

@@ -405,16 +405,17 @@ def test_the_first_ctrl_c_saves_after_its_step_and_a_second_stops_at_once(times,
     assert state_equal(resumed.model.state_dict(), run.model.state_dict())  # the stop lost no step
 
 
-def test_a_real_process_stopped_by_ctrl_c_exits_130_with_one_line(tmp_path):
+def test_ctrl_c_in_a_terminal_stops_a_real_process_and_its_dataloader_workers_cleanly(tmp_path):
     command = [str(Path(sys.executable).parent / "mdm-lite"), *map(str, _train(
-        tmp_path, "--output_dir", tmp_path / "run", "--max_steps", 1000, "--save_freq", 1000))]
+        tmp_path, "--output_dir", tmp_path / "run", "--max_steps", 1000, "--save_freq", 1000, "--num_workers", 2))]
     process = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, start_new_session=True)
     err = ""
     while not err.endswith("\n") or not err.splitlines()[-1].startswith("mdm-lite train:"):  # the loop starts
         err += process.stderr.readline()
     time.sleep(1)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal sends Ctrl-C to the whole group: workers too
     err += process.stderr.read()
     assert process.wait(timeout=120) == 130 and "Traceback" not in err, err
+    assert err.count("stopping after this step") == 1, err  # said once, by the trainer
     assert "interrupted at step" in err.splitlines()[-1] and load_checkpoint(tmp_path / "run").state["step"] >= 1
