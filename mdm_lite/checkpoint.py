@@ -22,7 +22,6 @@ process ends, however it ends.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re

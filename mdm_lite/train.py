@@ -364,6 +364,20 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
 
+    @contextlib.contextmanager
+    def held_while_workers_start(self):
+        """Block Ctrl-C while DataLoader workers start: they inherit the block and never see the
+        Ctrl-C a terminal sends them too (they would die, or repeat the message), and the trainer
+        gets a Ctrl-C pressed meanwhile once they have started. POSIX only."""
+        if not hasattr(signal, "pthread_sigmask"):
+            yield
+            return
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
@@ -373,12 +387,6 @@ class _Interrupt:
 
 
 _INTERRUPT = _Interrupt()
-
-
-def _leave_ctrl_c_to_the_trainer(worker_id: int) -> None:
-    """A DataLoader worker ignores Ctrl-C, which the terminal sends to it too: the trainer finishes
-    its step and saves, and needs its workers for that (they would die, or repeat its message)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _one_run_per_output_dir(function):
@@ -491,9 +499,10 @@ def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> T
         batches = list(BatchSampler(sampler, config.batch_size, drop_last=True))[: steps_per_epoch * accum]
         # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
         # which would shift the dropout of a run resumed mid-epoch.
-        loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
-                                 num_workers=config.num_workers, worker_init_fn=_leave_ctrl_c_to_the_trainer,
-                                 generator=torch.Generator().manual_seed(config.seed + epoch)))
+        with _INTERRUPT.held_while_workers_start():
+            loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
+                                     num_workers=config.num_workers,
+                                     generator=torch.Generator().manual_seed(config.seed + epoch)))
         while batch_in_epoch < len(batches) and step < total_steps and not stop:
             step_start = time.perf_counter()
             generator = step_generator(config.seed, rank, step)
