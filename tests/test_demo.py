@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mdm_lite.sample import DEFAULT_SAMPLER
+
 gr = pytest.importorskip("gradio", reason='the demo extra is not installed: pip install -e ".[dev]"')
 from gradio_client import Client  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
@@ -140,6 +142,6 @@ def test_in_a_real_browser_a_prompt_and_a_click_show_three_images(server, tmp_pa
             page.wait_for_function(
                 "() => [...document.querySelectorAll('.level img')].filter("
                 f"i => i.complete && i.naturalWidth === {DISPLAY_SIZE}).length === 3", timeout=60_000)
-            assert "3 ddim steps" in page.locator("#timing").inner_text()
+            assert f"3 {DEFAULT_SAMPLER} steps" in page.locator("#timing").inner_text()
         finally:
             browser.close()
