@@ -252,16 +252,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} has a corrupt config.json or state.json ({error}); {_instead(path)}") from error
     if not isinstance(config, dict) or not isinstance(state, dict):
         raise CheckpointError(f"{path}: config.json and state.json must each hold a JSON object; {_instead(path)}")
-    upgrade_config(config)
+    _upgrade(config)
     model = path / "model.safetensors"
     return Checkpoint(path, config, state, _load_tensors(model) if model.exists() else None,
                       _load_tensors(path / "ema.safetensors"))
 
 
-def upgrade_config(config: dict) -> None:
+def _upgrade(config: dict) -> None:
     """Fill in, in place, what a config.json written by an older mdm-lite leaves out, as that
-    version behaved: UNets downsampled with a stride-2 conv before `UNetConfig.downsample` existed.
-    Checkpoints and `--config` files both go through it, so an old run resumes with its own model."""
+    version behaved: UNets downsampled with a stride-2 conv before `UNetConfig.downsample` existed."""
     inner = config.get("model", {}).get("inner") if isinstance(config.get("model"), dict) else None
     if isinstance(inner, dict):
         inner.setdefault("downsample", "stride")

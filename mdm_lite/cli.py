@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from .checkpoint import CheckpointError, check_writable, resolve_checkpoint, upgrade_config
+from .checkpoint import CheckpointError, check_writable, resolve_checkpoint
 from .config_check import ConfigError, Device, Positive, check_value
 from .data import DatasetError
 from .text import TextEncoderError
@@ -66,10 +66,7 @@ def build_train_config(args: argparse.Namespace):
 
     if args.config:
         try:
-            data = json.loads(Path(args.config).read_text())
-            if isinstance(data, dict):
-                upgrade_config(data)
-            config = TrainConfig.from_dict(data)
+            config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read --config {args.config} ({error}); pass a JSON file such as a "
                               "checkpoint's config.json") from error

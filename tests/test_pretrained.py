@@ -60,10 +60,3 @@ def test_a_checkpoint_from_before_the_downsample_option_loads_with_the_stride_2_
         (copy / f.name).write_bytes(f.read_bytes())
     (copy / "config.json").write_text(json.dumps(config))
     assert load_checkpoint(copy).config["model"]["inner"]["downsample"] == "pool"
-
-
-def test_an_old_config_json_given_as_config_builds_the_model_its_checkpoint_loads():
-    from mdm_lite.cli import build_train_config, parser
-
-    args = parser().parse_args(["train", "--config", str(PRETRAINED["shapes"] / "config.json")])
-    assert build_train_config(args).model == MDMPipeline.from_pretrained("shapes", device="cpu").model.config
