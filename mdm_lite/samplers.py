@@ -1,5 +1,5 @@
 """The reverse process: DDIM, DDPM and DPM-Solver++(2M) steps, and the loop that runs them on every
-level of the pyramid at once (MDM, Gu et al. 2023, Sec. 3.3).
+level of the pyramid at once (MDM, Gu et al. 2023, Sec. 3.3; chapter 7 builds them).
 
 One network call per step updates the whole pyramid, each level with its own resolution-shifted
 schedule (`DiffusionConfig.logsnr`). The schedule of every level is computed once per call, on the
@@ -11,9 +11,8 @@ Samplers:
 - "dpmpp", DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): a second-order
   multistep solver of the diffusion ODE in its data-prediction form, as diffusers'
   ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. It reuses the
-  previous step's x0 estimate instead of a second network call. The default, at 20 steps: for the
-  shipped Shapes checkpoint it matches DDIM at 50 steps in prompt accuracy and judge FD
-  (`mdm-lite eval`, 64 images), 2.5 times fewer network calls.
+  previous step's x0 estimate instead of a second network call. The default, at 20 steps (the
+  README's "Measured" section compares it with DDIM at 50 on the shipped checkpoint).
 - "ddim" (Song et al. 2021): first order; eta = 0 deterministic, eta = 1 the DDPM posterior.
 - "ddpm" (Ho et al. 2020): ancestral sampling from q(z_s | z_t, x0).
 
@@ -29,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .diffusion import DiffusionConfig
-from .schedule import alpha_sigma, discrete_timesteps, eps_from_x0, predict_x0_eps
+from .schedule import alpha_sigma, discrete_timesteps, eps_from_x0, expand_to, predict_x0_eps
 
 SAMPLERS = ("dpmpp", "ddim", "ddpm")
 DEFAULT_SAMPLER = "dpmpp"
@@ -69,7 +68,7 @@ def _noise(shape, generator: torch.Generator | None, device: torch.device) -> Te
     """Standard normal noise drawn on the CPU (the same numbers on every device), moved once.
 
     On the CPU it is kept channels-last (NHWC): every convolution of the network then runs on NHWC
-    tensors, which oneDNN computes about 1.2x faster than NCHW here (benchmarks/sampling.py). The
+    tensors, which oneDNN computes faster than NCHW (`benchmarks/sampling.py` measures it). The
     values are the same; only their order in memory changes.
     """
     noise = torch.randn(shape, generator=generator, device="cpu")
@@ -139,11 +138,6 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     return (x0s, trajectory) if return_trajectory else x0s
 
 
-def _coef(c: Tensor, x: Tensor) -> Tensor:
-    """A per-sample coefficient (B,), or one for the whole batch (a 0-d tensor), as (B or 1, 1, 1, 1)."""
-    return c.reshape(-1, *([1] * (x.ndim - 1)))
-
-
 def ddim_step(z: Tensor, x0: Tensor, eps: Tensor, logsnr_t: Tensor, logsnr_s: Tensor, noise: Tensor,
               eta: float = 0.0) -> Tensor:
     """One DDIM step from t to s < t (Song et al. 2021, Eq. 12).
@@ -152,8 +146,8 @@ def ddim_step(z: Tensor, x0: Tensor, eps: Tensor, logsnr_t: Tensor, logsnr_s: Te
     posterior q(z_s | z_t, x0); eta = 0 is deterministic, eta = 1 matches DDPM.
     z, x0, eps, noise: (B, C, H, W); logsnr_t, logsnr_s: (B,) or 0-d.
     """
-    alpha_s, sigma_s = (_coef(c, z) for c in alpha_sigma(logsnr_s))
-    c = eta * _coef(_posterior_std(logsnr_t, logsnr_s), z)
+    alpha_s, sigma_s = (expand_to(c, z) for c in alpha_sigma(logsnr_s))
+    c = eta * expand_to(_posterior_std(logsnr_t, logsnr_s), z)
     return alpha_s * x0 + (sigma_s ** 2 - c ** 2).clamp(min=0).sqrt() * eps + c * noise
 
 
@@ -170,12 +164,12 @@ def ddpm_step(z: Tensor, x0: Tensor, logsnr_t: Tensor, logsnr_s: Tensor, noise: 
     with alpha_{t|s} = alpha_t / alpha_s and sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2.
     Shapes as in `ddim_step`.
     """
-    alpha_t, sigma_t = (_coef(c, z) for c in alpha_sigma(logsnr_t))
-    alpha_s, sigma_s = (_coef(c, z) for c in alpha_sigma(logsnr_s))
+    alpha_t, sigma_t = (expand_to(c, z) for c in alpha_sigma(logsnr_t))
+    alpha_s, sigma_s = (expand_to(c, z) for c in alpha_sigma(logsnr_s))
     alpha_ts = alpha_t / alpha_s
     sigma_ts2 = sigma_t ** 2 - alpha_ts ** 2 * sigma_s ** 2
     mean = alpha_ts * sigma_s ** 2 / sigma_t ** 2 * z + alpha_s * sigma_ts2 / sigma_t ** 2 * x0
-    return mean + _coef(_posterior_std(logsnr_t, logsnr_s), z) * noise
+    return mean + expand_to(_posterior_std(logsnr_t, logsnr_s), z) * noise
 
 
 def dpmpp_2m_step(z: Tensor, x0: Tensor, logsnr_t: Tensor, logsnr_s: Tensor, x0_prev: Tensor | None = None,
@@ -199,12 +193,12 @@ def dpmpp_2m_step(z: Tensor, x0: Tensor, logsnr_t: Tensor, logsnr_s: Tensor, x0_
     which is diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++",
     solver_type="midpoint")`` update. z, x0, x0_prev: (B, C, H, W); logsnr_*: (B,) or 0-d.
     """
-    alpha_t, sigma_t = (_coef(c, z) for c in alpha_sigma(logsnr_t))
-    alpha_s, sigma_s = (_coef(c, z) for c in alpha_sigma(logsnr_s))
-    h = _coef(logsnr_s - logsnr_t, z) / 2
+    alpha_t, sigma_t = (expand_to(c, z) for c in alpha_sigma(logsnr_t))
+    alpha_s, sigma_s = (expand_to(c, z) for c in alpha_sigma(logsnr_s))
+    h = expand_to(logsnr_s - logsnr_t, z) / 2
     d = x0
     if x0_prev is not None:
-        half_over_r = h / _coef(logsnr_t - logsnr_prev, z)  # 1 / (2 r) = h / (2 h_prev), lambdas halved
+        half_over_r = h / expand_to(logsnr_t - logsnr_prev, z)  # 1 / (2 r) = h / (2 h_prev), lambdas halved
         d = (1 + half_over_r) * x0 - half_over_r * x0_prev
     return sigma_s / sigma_t * z - alpha_s * torch.expm1(-h) * d
 

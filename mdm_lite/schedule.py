@@ -1,4 +1,4 @@
-"""The noise schedule, in log-SNR form.
+"""The noise schedule, in log-SNR form (chapter 2 builds it).
 
 A diffusion model corrupts a clean image x0 into z_t = alpha_t * x0 + sigma_t * eps, eps ~ N(0, I),
 for a time t in [0, 1]. We write every schedule through its log signal-to-noise ratio
@@ -55,8 +55,9 @@ def alpha_sigma(logsnr: Tensor) -> tuple[Tensor, Tensor]:
     return torch.sigmoid(logsnr).sqrt(), torch.sigmoid(-logsnr).sqrt()
 
 
-def _expand(coef: Tensor, x: Tensor) -> Tensor:
-    """Broadcast a per-sample coefficient of shape (B,) over an image batch (B, C, H, W)."""
+def expand_to(coef: Tensor, x: Tensor) -> Tensor:
+    """Broadcast a per-sample coefficient (B,), or one for the whole batch (0-d), over an image
+    batch x (B, C, H, W): returns (B, 1, 1, 1) or (1, 1, 1, 1)."""
     return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
 
 
@@ -66,13 +67,13 @@ def add_noise(x0: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
     x0: (B, C, H, W) in [-1, 1]; eps: (B, C, H, W) standard normal; logsnr: (B,).
     """
     alpha, sigma = alpha_sigma(logsnr)
-    return _expand(alpha, x0) * x0 + _expand(sigma, x0) * eps
+    return expand_to(alpha, x0) * x0 + expand_to(sigma, x0) * eps
 
 
 def velocity(x0: Tensor, eps: Tensor, logsnr: Tensor) -> Tensor:
     """The v target of Salimans & Ho (2022): v = alpha eps - sigma x0.  Shapes as in `add_noise`."""
     alpha, sigma = alpha_sigma(logsnr)
-    return _expand(alpha, x0) * eps - _expand(sigma, x0) * x0
+    return expand_to(alpha, x0) * eps - expand_to(sigma, x0) * x0
 
 
 def predict_x0_eps(z: Tensor, prediction: Tensor, logsnr: Tensor, kind: str) -> tuple[Tensor, Tensor]:
@@ -82,7 +83,7 @@ def predict_x0_eps(z: Tensor, prediction: Tensor, logsnr: Tensor, kind: str) -> 
     kind "eps": x0 = (z - sigma eps) / alpha,  eps = eps
     z, prediction: (B, C, H, W); logsnr: (B,).
     """
-    alpha, sigma = (_expand(c, z) for c in alpha_sigma(logsnr))
+    alpha, sigma = (expand_to(c, z) for c in alpha_sigma(logsnr))
     if kind == "v":
         return alpha * z - sigma * prediction, sigma * z + alpha * prediction
     if kind == "eps":
@@ -92,7 +93,7 @@ def predict_x0_eps(z: Tensor, prediction: Tensor, logsnr: Tensor, kind: str) -> 
 
 def eps_from_x0(z: Tensor, x0: Tensor, logsnr: Tensor) -> Tensor:
     """eps = (z - alpha x0) / sigma: the noise implied by a (clipped) estimate of x0."""
-    alpha, sigma = (_expand(c, z) for c in alpha_sigma(logsnr))
+    alpha, sigma = (expand_to(c, z) for c in alpha_sigma(logsnr))
     return (z - alpha * x0) / sigma
 
 
