@@ -1,4 +1,5 @@
-"""Whether a model fits in memory, estimated before anything is allocated.
+"""Whether a model fits in memory, estimated before anything is allocated (chapter 8 sizes the
+presets; training and sampling call `check_fits` first).
 
 The model is built on the meta device (shapes only, no storage) and run once on a meta batch of
 one image, with forward hooks on every layer. From that, per image:
@@ -72,7 +73,7 @@ def _measure(config: NestedUNetConfig) -> Footprint:
         skips.append(output.numel())
 
     hooks = [m.register_forward_hook(count) for m in model.modules()]
-    for unet in (m for m in model.modules() if isinstance(m, UNet)):  # UNet.body's skips: conv_in, then each down layer
+    for unet in (m for m in model.modules() if isinstance(m, UNet)):  # UNet.encode's skips: conv_in, then each down layer
         hooks += [layer.register_forward_hook(skip) for layer in (unet.conv_in, *unet.down)]
     text_dim = config.inner.text_dim
     with torch.device("meta"), torch.no_grad():

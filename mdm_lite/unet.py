@@ -1,4 +1,4 @@
-"""A single-resolution, text-conditioned UNet: the building block that MDM nests.
+"""A single-resolution, text-conditioned UNet: the building block that MDM nests (chapter 3).
 
 The layout follows the ADM UNet of Dhariwal & Nichol (2021), used by MDM (Gu et al. 2023, Sec. 3.2):
 residual blocks conditioned on the time embedding through a scale and shift of the normalised
@@ -6,6 +6,8 @@ features, self-attention at low resolutions, and cross-attention to the text tok
 Saharia et al. 2022). The pooled text is added to the time embedding, as in the MDM reference code.
 
 Calls follow diffusers: ``model(sample, timestep, encoder_hidden_states, encoder_attention_mask)``.
+Inside, `UNet.encode` runs the contracting path, `UNet.middle` the bottleneck and `UNet.decode` the
+expanding path; a NestedUNet (chapter 4) calls them to put another UNet where the middle would be.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config_check import ConfigError, NonEmpty, NonNegative, OneOf, Positive, Range, Rule, check_fields
+from .text import masked_mean
 
 Even = Rule(lambda n: n % 2 == 0, "even", hint="the time embedding splits the channels into cos and sin halves")
 
@@ -36,11 +39,11 @@ class UNetConfig:
         middle: whether the bottleneck has its own blocks; a NestedUNet shell has none, the inner
             UNet sits there instead.
         position_embedding: tell every pixel where it is: a fixed 2D sinusoidal embedding of its
-            row and column, projected by a learnt 1x1 conv, is added after the input conv, and
-            the same embedding is added to the inputs of the attention. Convolutions and attention
-            are blind to absolute position except through the zero padding at the border, and
-            near t = 1 the input is noise: where "top left" is must come from somewhere. The
-            shipped Shapes checkpoint uses it; whether it needs it is not measured yet.
+            row and column (`position_embedding`), projected by a learnt 1x1 conv, is added after
+            the input conv, and the same embedding is added to the inputs of every attention block.
+            Convolutions and attention are blind to absolute position except through the zero
+            padding at the border, and near t = 1 the input is noise: where "top left" is must come
+            from somewhere.
         downsample: "pool" (2x2 average pooling then a 3x3 conv, aligned with the image pyramid;
             see `Downsample`) or "stride" (a stride-2 3x3 conv, off the pyramid's grid by half a
             pixel; checkpoints saved before this option existed use it, and load with it).
@@ -115,17 +118,6 @@ def position_embedding(height: int, width: int, dim: int) -> Tensor:
     cols = timestep_embedding(torch.arange(width) / 1000.0, dim - dim // 2)  # (W, dim - dim/2)
     grid = torch.cat([rows[:, None].expand(-1, width, -1), cols[None].expand(height, -1, -1)], dim=-1)
     return grid.reshape(height * width, dim).T.contiguous()
-
-
-def masked_mean(tokens: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean over the real tokens only.
-
-    tokens: (B, L, D); mask: (B, L) bool, or None when every token is real. Returns (B, D).
-    """
-    if mask is None:
-        return tokens.mean(1)
-    weights = mask.to(tokens.dtype).unsqueeze(-1)
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -203,7 +195,8 @@ class AttentionBlock(nn.Module):
         self.norm = norm(channels)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.out = zero_module(nn.Conv1d(channels, channels, 1))
-        if text_dim:
+        self.cross_attention = text_dim > 0  # an unconditional model (text_dim 0) has none
+        if self.cross_attention:
             self.cross_norm = norm(channels)
             self.cross_q = nn.Conv1d(channels, channels, 1)
             self.cross_kv = nn.Linear(text_dim, 2 * channels)
@@ -215,13 +208,14 @@ class AttentionBlock(nn.Module):
         return x.reshape(b, self.heads, c // self.heads, n).transpose(2, 3)
 
     def forward(self, x: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x: (B, C, H, W); tokens: (B, L, text_dim) or None; mask: (B, L) bool. Returns (B, C, H, W)."""
         b, c, h, w = x.shape
         flat = x.reshape(b, c, h * w)
         pos = 0.0 if self.pos is None else self.pos.to(x.dtype)
         q, k, v = self.qkv(self.norm(x).reshape(b, c, h * w) + pos).chunk(3, dim=1)
         a = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
         flat = flat + self.out(a.transpose(2, 3).reshape(b, c, h * w))
-        if tokens is not None and hasattr(self, "cross_q"):
+        if tokens is not None and self.cross_attention:
             q = self._heads(self.cross_q(self.cross_norm(flat.reshape(b, c, h, w)).reshape(b, c, h * w) + pos))
             k, v = self.cross_kv(tokens).transpose(1, 2).chunk(2, dim=1)
             attn_mask = None if mask is None else mask[:, None, None, :]
@@ -282,8 +276,11 @@ class UNet(nn.Module):
     encoder_hidden_states (B, L, text_dim) text tokens or None, encoder_attention_mask (B, L) bool
     -> (B, out_channels, R, R), the prediction (v or eps, see `mdm_lite.diffusion`).
 
-    `body` is the same computation given a ready conditioning vector; NestedUNet uses it to add
-    outer features after the input conv (`inject`) and to replace the bottleneck (`middle`).
+    The forward pass in its parts, given the conditioning vector `emb` (`condition`):
+    `encode` (input conv, contracting path), `middle` (the bottleneck blocks) and `decode`
+    (expanding path, output conv); `denoise` runs the three. A NestedUNet's shell has no middle
+    blocks and runs its inner levels between its `encode` and `decode` instead (Gu et al. 2023,
+    Sec. 3.2).
     """
 
     def __init__(self, config: UNetConfig, with_conditioning: bool = True):
@@ -310,6 +307,7 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
                 res //= 2
         self.bottleneck_channels = ch
+        # The middle: a block with attention, then a plain residual block (ADM); none in a shell.
         self.mid = nn.ModuleList([Stage(ch, ch, cfg, res), ResBlock(ch, ch, cfg.emb_dim, cfg.dropout)]) if cfg.middle else None
 
         self.up = nn.ModuleList()
@@ -325,10 +323,15 @@ class UNet(nn.Module):
         self.conv_out = zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def condition(self, timestep: Tensor, tokens: Tensor | None, mask: Tensor | None) -> Tensor:
+        """The conditioning vector (B, emb_dim) of every residual block: see `Conditioning`."""
         return self.conditioning(timestep, tokens, mask)
 
-    def body(self, x, emb, tokens=None, mask=None, inject=None, middle=None) -> tuple[Tensor, Tensor]:
-        """Returns (prediction (B, out_channels, R, R), last features (B, channels, R, R))."""
+    def encode(self, x: Tensor, emb: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+               inject: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Input conv, then the contracting path. x: (B, in_channels, R, R); emb: (B, emb_dim);
+        inject: features (B, channels, R, R) added after the input conv (a NestedUNet's `to_inner`),
+        or None. Returns the bottleneck features (B, bottleneck_channels, R / 2^(levels - 1), ...)
+        and the skips, one per layer, for `decode`."""
         h = self.conv_in(x)
         if self.config.position_embedding:
             h = h + self.pos_proj(self.pos_table)
@@ -338,10 +341,20 @@ class UNet(nn.Module):
         for layer in self.down:
             h = layer(h, emb, tokens, mask) if isinstance(layer, Stage) else layer(h)
             skips.append(h)
-        if self.mid is not None:
-            h = self.mid[1](self.mid[0](h, emb, tokens, mask), emb)
-        if middle is not None:
-            h = middle(h)
+        return h, skips
+
+    def middle(self, h: Tensor, emb: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """The bottleneck blocks; the identity for a UNet built with middle=False (a shell)."""
+        if self.mid is None:
+            return h
+        attention_block, res_block = self.mid
+        return res_block(attention_block(h, emb, tokens, mask), emb)
+
+    def decode(self, h: Tensor, skips: list[Tensor], emb: Tensor, tokens: Tensor | None = None,
+               mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The expanding path, each block reading the skip of its resolution, then the output conv.
+        Returns (prediction (B, out_channels, R, R), last features (B, channels, R, R)); it uses
+        up `skips`."""
         for layer in self.up:
             if isinstance(layer, Stage):
                 h = layer(torch.cat([h, skips.pop()], dim=1), emb, tokens, mask)
@@ -349,14 +362,20 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.conv_out(F.silu(self.norm_out(h))), h
 
+    def denoise(self, x: Tensor, emb: Tensor, tokens: Tensor | None = None, mask: Tensor | None = None,
+                inject: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """encode -> middle -> decode: (prediction, last features), as `decode` returns them."""
+        h, skips = self.encode(x, emb, tokens, mask, inject)
+        return self.decode(self.middle(h, emb, tokens, mask), skips, emb, tokens, mask)
+
     def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor | None = None,
                 encoder_attention_mask: Tensor | None = None) -> Tensor:
-        timestep = _as_batch(timestep, sample.shape[0], sample.device)
+        timestep = batch_timesteps(timestep, sample.shape[0], sample.device)
         emb = self.condition(timestep, encoder_hidden_states, encoder_attention_mask)
-        return self.body(sample, emb, encoder_hidden_states, encoder_attention_mask)[0]
+        return self.denoise(sample, emb, encoder_hidden_states, encoder_attention_mask)[0]
 
 
-def _as_batch(timestep: Tensor | float, batch: int, device) -> Tensor:
-    """Accept a Python number, a 0-d tensor or a (B,) tensor of times in [0, 1]; return (B,)."""
+def batch_timesteps(timestep: Tensor | float, batch: int, device) -> Tensor:
+    """Accept a Python number, a 0-d tensor or a (B,) tensor of times in [0, 1]; return (B,) float32."""
     t = torch.as_tensor(timestep, dtype=torch.float32, device=device)
     return t.expand(batch) if t.ndim == 0 else t

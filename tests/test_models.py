@@ -85,7 +85,7 @@ def test_position_embedding_tells_apart_pixels_that_convolutions_cannot():
         model = perturbed(UNet(tiny_unet_config(resolution=32, channel_mult=(1,), attention_resolutions=(),
                                                 position_embedding=with_position)))
         emb = model.condition(torch.tensor([0.5]), *text(1))
-        features = model.body(flat, emb, *text(1))[1][0, :, 14:18, 14:18]
+        features = model.denoise(flat, emb, *text(1))[1][0, :, 14:18, 14:18]
         spread = (features - features[:, :1, :1]).abs().max()
         assert (spread > 1e-3) if with_position else (spread < 1e-5), (with_position, spread)
 
