@@ -20,8 +20,9 @@ import time
 import torch
 
 from mdm_lite import DiffusionConfig, NestedUNet
+from mdm_lite.compare import flat_baseline
 from mdm_lite.samplers import sample
-from mdm_lite.train import TrainConfig, flat_baseline
+from mdm_lite.train import TrainConfig
 
 
 def peak_rss_mib() -> float:

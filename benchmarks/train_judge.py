@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/train_judge.py [--steps 1500] [--out mdm_lite/assets/judge.safetensors]
 
-Trains with `mdm_lite.metrics.train_judge` (fp32, one CPU thread), then scores the judge on
+Trains with `mdm_lite.judge.train_judge` (fp32, one CPU thread), then scores the judge on
 scenes drawn with a seed the training never used, from both splits (train pairs and held-out
 shape-colour pairs): clean renders, renders under the training perturbations (fresh random
 draws), and under perturbations 1.5x stronger than any seen in training. Writes the weights and
@@ -16,7 +16,8 @@ import time
 import torch
 
 from mdm_lite.data import ShapesDataset
-from mdm_lite.metrics import JUDGE_PATH, frechet_distance, perturb, prompt_accuracy, save_judge, train_judge
+from mdm_lite.judge import JUDGE_PATH, perturb, save_judge, train_judge
+from mdm_lite.metrics import frechet_distance, prompt_accuracy
 
 
 def fresh_renders(n: int, seed: int) -> tuple[torch.Tensor, list[dict]]:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
-from mdm_lite.train import PRESETS, flat_baseline
+from mdm_lite.compare import flat_baseline
+from mdm_lite.train import PRESETS
 
 TEXT_LENGTH = 12
 

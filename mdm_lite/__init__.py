@@ -1,7 +1,8 @@
 """mdm_lite: Matryoshka Diffusion Models (Gu et al. 2023), small enough to read and to train on a laptop.
 
-`mdm_lite.sample` and `mdm_lite.train` are modules (the pipeline; the training loop); their main
-functions are `mdm_lite.samplers.sample` (also `ddim_sample`, `ddpm_sample`) and
+A module per concept, each built by a chapter of the book (README, "The package, module by
+module"). Imports run one way: cli -> train -> pipeline -> the model (unet, nested), diffusion,
+samplers, schedule, text and data. `mdm_lite.train` is the module; its function is
 `mdm_lite.train.train`.
 """
 from .data import (
@@ -22,11 +23,14 @@ from .data import (
 from .checkpoint import CheckpointError, load_checkpoint
 from .diffusion import DiffusionConfig, drop_captions, image_pyramid, multires_loss
 from .nested import NestedUNet, NestedUNetConfig
-from .sample import MDMPipeline, PipelineOutput
+from .compare import flat_baseline
+from .images import from_pil, to_pil
+from .pipeline import MDMPipeline, PipelineOutput
+from .plotting import show_images
 from .samplers import ddim_sample, ddpm_sample
 from .schedule import add_noise, alpha_sigma, cosine_logsnr, predict_x0_eps, shifted_cosine_logsnr, velocity
-from .train import PRESETS, TrainConfig, TrainResult, flat_baseline
-from .text import DEFAULT_TEXT_ENCODER, TextEmbedding, TextEncoder, TextEncoderError
+from .train import PRESETS, TrainConfig, TrainResult
+from .text import DEFAULT_TEXT_ENCODER, TextEmbedding, TextEncoder, TextEncoderError, masked_mean
 from .unet import UNet, UNetConfig
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Checkpoints: one directory per save, safetensors for tensors and JSON for the rest.
+"""Checkpoints: one directory per save, safetensors for tensors and JSON for the rest (chapter 6
+loads them; every training run writes them).
 
 ::
 

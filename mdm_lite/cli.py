@@ -1,4 +1,5 @@
-"""The `mdm-lite` command line: a thin layer over TrainConfig, train, MDMPipeline and the metrics.
+"""The `mdm-lite` command line: a thin layer over TrainConfig, train, MDMPipeline and the metrics
+(the book's appendix runs every command).
 
 ::
 
@@ -24,10 +25,20 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import torch
+
 from .checkpoint import CheckpointError, check_writable, resolve_checkpoint
 from .config_check import ConfigError, Device, Positive, check_value
-from .data import DatasetError
+from .data import DatasetError, prefetch
+from .device import PRECISIONS
+from .images import to_pil
+from .metrics import PROMPT_SETS, evaluate_checkpoint
+from .pipeline import SAMPLING_OPTIONS, MDMPipeline, SamplingFailed
+from .plotting import save_grid, side_by_side
+from .recipe import run_recipe
+from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from .text import TextEncoderError
+from .train import PRESETS, TrainConfig, TrainingDiverged, TrainingInterrupted, cpu_preset, train
 
 # Options of TrainConfig that the command line sets directly, with their types.
 TRAIN_OPTIONS = {
@@ -62,8 +73,6 @@ def _options(items: list[str] | None) -> dict:
 def build_train_config(args: argparse.Namespace):
     """The TrainConfig that `mdm-lite train` runs: a preset (or --config file), then the flags
     given; built once, so that every value is checked as the config is (`config_check`)."""
-    from .train import PRESETS, TrainConfig
-
     if args.config:
         try:
             config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
@@ -103,17 +112,12 @@ def chosen_recipe(args: argparse.Namespace) -> str | None:
         return None
     given = [f"--{name}" for name in SINGLE_RUN_OPTIONS if getattr(args, name) is not None]
     if given:
-        from .train import ConfigError
-
         raise ConfigError(f"{', '.join(given)} set one run's model or times, and the {recipe} recipe sets each "
                           "stage's: add --recipe none to train a single run")
     return recipe
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .recipe import run_recipe
-    from .train import train
-
     config = build_train_config(args)
     args.run_folder = Path(config.output_dir)  # what `main` reports on, should the run fail
     recipe = chosen_recipe(args)
@@ -154,14 +158,12 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-# The sample command's names for MDMPipeline's options (`sample.SAMPLING_OPTIONS`).
+# The sample command's names for MDMPipeline's options (`pipeline.SAMPLING_OPTIONS`).
 SAMPLE_FLAGS = {"num_inference_steps": "num_inference_steps", "guidance_scale": "guidance_scale", "eta": "eta",
                 "num_per_prompt": "num_images_per_prompt", "seed": "seed"}
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from .sample import SAMPLING_OPTIONS, MDMPipeline, save_grid, side_by_side, to_pil, uses_bf16
-
     prompts = _read_prompts(args)
     for flag, option in SAMPLE_FLAGS.items():  # before the minutes of loading and sampling
         check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[option])
@@ -182,24 +184,19 @@ def _sample(args: argparse.Namespace) -> int:
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
     (output_dir / "prompts.json").write_text(json.dumps(
         [{"file": f"sample_{i:04d}.png", "prompt": p} for i, p in enumerate(expanded)], indent=2))
-    precision = "bf16" if uses_bf16(args.precision, pipe.device) else "fp32"
+    precision = "bf16" if pipe.uses_bf16(args.precision) else "fp32"
     print(f"wrote {len(expanded)} samples and {grid}: {args.num_inference_steps} {args.sampler} steps in {precision}, "
           f"{seconds:.1f} s ({seconds / len(expanded):.2f} s/image)")
     return 0
 
 
 def _prefetch(args: argparse.Namespace) -> int:
-    from .data import prefetch
-
     n = prefetch(args.dataset, args.split, **_options(args.dataset_option))
     print(f"{args.dataset} ({args.split}): {n} samples ready in the cache")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .metrics import evaluate_checkpoint
-    from .sample import SAMPLING_OPTIONS
-
     check_value("--num_samples", args.num_samples, Annotated[int, Positive])
     for flag in ("num_inference_steps", "guidance_scale", "seed"):  # before the minutes of sampling
         check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[flag])
@@ -252,9 +249,6 @@ class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parser() -> argparse.ArgumentParser:
-    from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
-    from .train import cpu_preset
-
     p = argparse.ArgumentParser(prog="mdm-lite", description="Matryoshka Diffusion Models, small enough to read.")
     sub = p.add_subparsers(dest="command", required=True)
     defaults = cpu_preset()  # what `mdm-lite train` uses for an option not given
@@ -301,7 +295,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--no_ema", action="store_true", help="use the raw weights instead of their moving average")
     s.add_argument("--save_levels", action="store_true", help="save every nesting level side by side")
     s.add_argument("--no_progress", action="store_true", help="no progress bar over the steps")
-    s.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=PRECISION_HELP)
+    s.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     s.set_defaults(run=_sample)
 
     f = sub.add_parser("prefetch", help="download a dataset into the cache before training",
@@ -322,13 +316,12 @@ def parser() -> argparse.ArgumentParser:
                    help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
     e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    e.add_argument("--prompts", nargs="+", default=["train", "phrasing", "pairs"],
-                   choices=("train", "phrasing", "pairs"),
+    e.add_argument("--prompts", nargs="+", default=list(PROMPT_SETS), choices=tuple(PROMPT_SETS),
                    help="prompt sets: training-style captions, phrasings training never saw, shape-colour "
                    "pairs training never saw")
     e.add_argument("--no_ema", action="store_true", help="judge the raw weights instead of their moving average")
     e.add_argument("--no_progress", action="store_true", help="no progress bar over the images and steps")
-    e.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help=PRECISION_HELP)
+    e.add_argument("--precision", default="auto", choices=PRECISIONS, help=PRECISION_HELP)
     e.add_argument("--output", default="eval.json", help="where to write the table as JSON")
     e.set_defaults(run=_eval)
 
@@ -368,16 +361,11 @@ def _saved(args: argparse.Namespace) -> str:
 
 
 def _out_of_memory(error: RuntimeError) -> bool:
-    import torch
-
     return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; the one place where expected errors become one line and an exit status."""
-    from .sample import SamplingFailed
-    from .train import TrainingDiverged, TrainingInterrupted
-
     args = parser().parse_args(argv)
 
     def fail(message: str, status: int) -> int:

@@ -1,4 +1,5 @@
-"""Nested against flat at equal compute: the paper's headline claim, tested at small scale.
+"""Nested against flat at equal compute: the paper's headline claim, tested at small scale
+(chapter 9 runs it; chapter 4 builds the flat baseline).
 
 Gu et al. 2023 (Sec. 5, Fig. 5) report that a NestedUNet trained with the multi-resolution loss
 reaches a given 64x64 quality sooner than a single-resolution UNet of the same size. Here both
@@ -14,10 +15,57 @@ Fréchet distance in the judge's features (`mdm_lite.metrics`).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from pathlib import Path
 
-from .metrics import evaluate_pipeline, load_judge
-from .train import TrainConfig, flat_baseline, train
+import torch
+from matplotlib.figure import Figure
+
+from .judge import load_judge
+from .metrics import evaluate_pipeline
+from .nested import NestedUNet, NestedUNetConfig
+from .train import TrainConfig, train
+
+
+def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
+    """A single-level UNet at the same image size with about as many parameters as `nested`.
+
+    It reaches the same innermost resolution with one channel multiplier per halving and keeps
+    the inner UNet's blocks and attention resolutions; only its width is searched, in steps of 2,
+    for the parameter count closest to the NestedUNet's among widths whose attention channels
+    split evenly into heads. The baseline of Gu et al. 2023, Sec. 5.
+    """
+    with torch.device("meta"):
+        target = sum(p.numel() for p in NestedUNet(nested).parameters())
+    inner = nested.inner
+    halvings = nested.num_levels - 1 + len(inner.channel_mult) - 1
+    mult = (1,) + tuple(min(2 ** k, 4) for k in range(1, halvings + 1))
+
+    def config(channels: int, head_dim: int = inner.head_dim) -> NestedUNetConfig:
+        return NestedUNetConfig(image_size=nested.image_size, num_levels=1, inner=dataclasses.replace(
+            inner, channels=channels, channel_mult=mult, emb_dim=None, head_dim=head_dim))
+
+    @functools.cache
+    def size(channels: int) -> int:
+        # Heads own no parameters: count with one head, which any width allows, and without allocating.
+        with torch.device("meta"):
+            return sum(p.numel() for p in NestedUNet(config(channels, channels * max(mult))).parameters())
+
+    def splits_into_heads(channels: int) -> bool:
+        """Whether each attention block's channels * mult features split into its features // head_dim heads."""
+        features = [channels * m for i, m in enumerate(mult) if nested.image_size >> i in inner.attention_resolutions]
+        return all(f % max(1, f // inner.head_dim) == 0 for f in features)
+
+    low, high = 2, 2  # the parameter count grows with the width: bracket the target, then bisect
+    while size(high) < target:
+        low, high = high, high * 2
+    while high - low > 2:
+        mid = (low + high) // 4 * 2
+        low, high = (mid, high) if size(mid) < target else (low, mid)
+    below = next(c for c in range(low, 0, -2) if splits_into_heads(c))  # width 2 always has one head
+    above = next(c for c in itertools.count(high, 2) if splits_into_heads(c))
+    return config(min((below, above), key=lambda c: abs(size(c) - target)))
 
 
 def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: int = 3, num_samples: int = 64,
@@ -35,11 +83,10 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: 
     configs = {"nested": base.model, "flat": flat_baseline(base.model)}
     rows = []
     for name in models:
-        config = dataclasses.replace(base, model=configs[name], output_dir=str(Path(output_dir) / name),
-                                     max_steps=None, epochs=10**6, save_freq=10**9, keep_checkpoints=1,
-                                     num_sample_steps=num_inference_steps)
-        for point in range(1, num_points + 1):
-            config.max_time_s = budget_s * point / num_points
+        for point in range(1, num_points + 1):  # the same run, resumed with a larger time budget
+            config = dataclasses.replace(base, model=configs[name], output_dir=str(Path(output_dir) / name),
+                                         max_steps=None, epochs=None, max_time_s=budget_s * point / num_points,
+                                         save_freq=10**9, keep_checkpoints=1, num_sample_steps=num_inference_steps)
             result = train(config, progress=False, resume=point > 1)
             last = result.history[-1]
             row = evaluate_pipeline(result.pipeline(), num_samples=num_samples, num_inference_steps=num_inference_steps,
@@ -54,8 +101,6 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: 
 def plot_comparison(rows: list[dict], axes=None):
     """Prompt accuracy (with its 95% interval) and judge Fréchet distance against training time,
     one line per model. Returns the matplotlib Figure (new unless `axes`, a pair, is given)."""
-    from matplotlib.figure import Figure
-
     if axes is None:
         fig = Figure(figsize=(10, 3.6), dpi=100)
         axes = fig.subplots(1, 2)

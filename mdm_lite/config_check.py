@@ -1,4 +1,5 @@
-"""Options checked against their declared types and ranges, with one-line errors that name the fix.
+"""Options checked against their declared types and ranges, with one-line errors that name the fix
+(the command-line appendix shows them).
 
 A config dataclass declares each field's type, and its range where one applies, in its annotation,
 and calls `check_fields(self)` first thing in `__post_init__`::

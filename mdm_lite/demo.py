@@ -1,4 +1,5 @@
-"""A web demo of a trained model: a prompt in, every nesting level and their joint trajectory out.
+"""A web demo of a trained model: a prompt in, every nesting level and their joint trajectory out
+(chapter 7 shows it).
 
 ::
 
@@ -31,7 +32,9 @@ except ModuleNotFoundError as error:
     raise ModuleNotFoundError('the demo needs Gradio: pip install "mdm-lite[demo]"', name=error.name) from error
 
 from .checkpoint import resolve_checkpoint
-from .sample import MDMPipeline, to_pil
+from .data import ShapesDataset
+from .images import to_pil
+from .pipeline import MDMPipeline
 from .samplers import DEFAULT_SAMPLER, SAMPLERS
 
 DISPLAY_SIZE = 256  # every level is shown at this side, upscaled without smoothing
@@ -50,7 +53,7 @@ def upscale(image: Tensor, size: int) -> Image.Image:
 
 
 def trajectory_frames(trajectory: list[dict], size: int = FRAME_SIZE) -> list[Image.Image]:
-    """One frame per step of `diffusion.sample`'s trajectory: its time on top, then the noisy levels
+    """One frame per step of `samplers.sample`'s trajectory: its time on top, then the noisy levels
     z (first row) and their predicted x0 (second row), largest level first, each upscaled to size."""
     header = 16
     frames = []
@@ -93,8 +96,6 @@ def example_prompts(config: dict, count: int = 6) -> list[str]:
     if config.get("sample_prompts"):
         return list(config["sample_prompts"])
     if config.get("dataset") == "shapes":
-        from .data import ShapesDataset
-
         shapes = ShapesDataset(**{**config.get("dataset_options", {}), "length": count})
         return [shapes.scene(i)[0] for i in range(count)]
     return []

@@ -1,4 +1,4 @@
-"""The multi-resolution diffusion loss (MDM, Gu et al. 2023, Sec. 3.1).
+"""The multi-resolution diffusion loss (MDM, Gu et al. 2023, Sec. 3.1; chapter 5 builds it).
 
 Training (Eq. 4 of the paper): take a clean 64x64 image x0, average-pool it into a pyramid
 (64, 32, 16, ...), draw one time t for the whole pyramid, noise every level with its own
@@ -39,14 +39,12 @@ class DiffusionConfig:
         loss_weights: per level, outermost first; None weighs every level 1 (the paper's default).
         cond_drop_prob: probability of training a caption as the empty prompt, for classifier-free
             guidance (Ho & Salimans 2022). The MDM reference code has none; we add it.
-        time_power: training times are drawn as t = 1 - (1 - u)^time_power, u uniform in [0, 1).
-            1 is uniform, as in the paper. Larger values spend more of training near t = 1, where
-            the image is noise and only the caption says where the object goes: with 3, 46% of
-            the samples have t > 0.9 instead of 10%. Sampling is unchanged.
-        time_range: (low, high): the training time above is mapped linearly onto [low, high].
-            (0, 1), the default, leaves it alone; (0.97, 0.97) trains at one noise level only,
-            where the image is noise and the caption is all the model has: a small Shapes model
-            learns where objects go far sooner there than among all noise levels (README).
+        time_power, time_range: the distribution of training times (the paper draws t uniformly
+            in [0, 1]: power 1, range (0, 1), the defaults). With u uniform in [0, 1),
+            t = low + (high - low) (1 - (1 - u)^time_power), (low, high) = time_range. A power p
+            above 1 spends more of training near t = 1, where the image is noise and only the
+            caption says where the object goes: P(t > 0.9) = 0.1^(1/p), 0.46 for p = 3. A range
+            with low = high trains at that one noise level. Sampling is unchanged.
     """
 
     prediction: Annotated[str, OneOf("v", "eps")] = "v"

@@ -1,4 +1,5 @@
-"""Training: a TrainConfig, its presets, and the loop that trains a NestedUNet on captioned images.
+"""Training: a TrainConfig, its presets, and the loop that trains a NestedUNet on captioned images
+(chapter 3 runs it first, chapter 5 looks inside, chapter 6 grows a model with it).
 
 ::
 
@@ -6,17 +7,18 @@
     result = train(TrainConfig(max_steps=300))          # the CPU preset on Shapes
     images = result.pipeline()(["a red circle in the center"]).images
 
-The loop is the MDM recipe (Gu et al. 2023, Sec. 3.1-3.4): the multi-resolution loss on every
-nesting level at once, AdamW, a linear warm-up, gradient clipping, an exponential moving average
-of the weights for sampling, and text dropout for classifier-free guidance. Progressive training
-(Sec. 3.4) starts a NestedUNet from a trained model with one level fewer (`init_from`).
+`train` is four phases: `set_up` (devices, model, EMA, optimizer, data, and where a resumed run
+stood), then for every step `train_step`, the MDM recipe (Gu et al. 2023, Sec. 3.1-3.4: caption
+dropout for classifier-free guidance, the multi-resolution loss on every nesting level at once,
+backward, gradient clipping, an AdamW step with a linear warm-up, an exponential moving average of
+the weights for sampling), `log` and `save`. Progressive training (Sec. 3.4) starts a NestedUNet
+from a trained model with one level fewer (`init_from`, `grow_from`).
 
-Under `torchrun --nproc_per_node N` the same code runs DistributedDataParallel (gloo on CPU,
-nccl on GPU) with a DistributedSampler; only rank 0 writes. A run is reproducible from its
-checkpoint: the noise of step k is drawn from a generator seeded by (seed, rank, k), the data
-order by (seed, epoch), so N steps then `resume` for N more gives the weights of 2N steps.
-
-Run `python -m mdm_lite.train --help` (the same as `mdm-lite train`).
+Under `torchrun --nproc_per_node N -m mdm_lite train ...` the same code runs
+DistributedDataParallel (gloo on CPU, nccl on GPU) with a DistributedSampler; only rank 0 writes.
+A run is reproducible from its checkpoint: the noise of step k is drawn from a generator seeded by
+(seed, rank, k), the data order by (seed, epoch), so N steps then `resume` for N more gives the
+weights of 2N steps.
 """
 from __future__ import annotations
 
@@ -24,7 +26,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import itertools
 import json
 import os
 import signal
@@ -33,13 +34,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, check_unlocked, check_writable, load_checkpoint, load_weights, lock_run,
@@ -47,9 +48,12 @@ from .checkpoint import (CheckpointError, check_unlocked, check_writable, load_c
 from .config_check import (ConfigError, Device, NonEmpty, NonNegative, OneOf, Positive, Range, Seed, build,
                            check_fields)
 from .data import collate, load_dataset
-from .memory import check_fits
+from .device import PRECISIONS, choose_precision, resolve_device
 from .diffusion import DiffusionConfig, drop_captions, multires_loss
+from .memory import check_fits
 from .nested import NestedUNet, NestedUNetConfig
+from .pipeline import MDMPipeline, checkpoint_configs
+from .plotting import plot_losses, save_grid
 from .text import TextEncoder
 from .unet import UNetConfig
 
@@ -63,15 +67,38 @@ class TrainConfig:
     """Everything a training run needs; saved as config.json in every checkpoint.
 
     The defaults are the "cpu" preset: a 3-level NestedUNet (64, 32, 16) of 2.5M parameters
-    that learns Shapes on a 2-core laptop CPU in minutes. batch_size is per process and per
-    micro-batch: an optimizer step sees batch_size * num_gradient_accumulations * world_size
-    images. Training stops after max_steps optimizer steps, or `epochs` passes over the data,
-    whichever comes first (max_steps None: epochs only), or once max_time_s seconds of training
-    (summed over resumes; sampling and saving excluded) have passed.
+    that learns Shapes on a 2-core laptop CPU. Training stops at the first of: max_steps
+    optimizer steps, `epochs` passes over the data, max_time_s seconds of training; at least one
+    must be set.
 
     Attributes:
-        precision: "fp32", "bf16" (autocast) or "auto": bf16 where this machine runs it faster
-            (see `choose_precision`), else fp32.
+        model: the NestedUNet (`NestedUNetConfig`).
+        diffusion: the schedule, prediction target, loss weights, caption dropout and training
+            times (`DiffusionConfig`).
+        dataset, dataset_options: the dataset's name and its loader's options (`load_dataset`).
+        max_samples: use at most this many samples of the dataset (None: all).
+        text_encoder: a Hub name or folder (None: the bundled all-MiniLM-L6-v2).
+        batch_size: images per process and micro-batch; an optimizer step sees
+            batch_size * num_gradient_accumulations * world_size images.
+        epochs, max_steps: passes over the data, optimizer steps (None: no limit of that kind).
+        max_time_s: seconds of training, summed over resumes, sampling and saving excluded
+            (None: no time limit).
+        lr, weight_decay: AdamW's (betas 0.9, 0.99); lr is reached linearly over warmup_steps.
+        gradient_clip_norm: the largest global gradient norm (0: no clipping).
+        num_gradient_accumulations: micro-batches per optimizer step.
+        ema_decay: of the moving average of the weights that sampling uses (`update_ema`).
+        precision: "fp32", "bf16" (the network under autocast) or "auto": bf16 where the hardware
+            computes it natively (`device.choose_precision`).
+        log_freq, save_freq: steps between metrics.jsonl records; between checkpoints and sample grids.
+        sample_prompts: prompts of the grids (None: the first 8 training captions);
+            num_sample_steps, guidance_scale: how they are sampled.
+        output_dir: where checkpoints, metrics.jsonl, loss.png and the grids go.
+        device: "auto", "cpu", "cuda" or "cuda:N" (`device.resolve_device`); seed: of the model's
+            initial weights, the data order, the noise and the caption dropout.
+        num_workers: DataLoader worker processes (0: load in the training process).
+        init_from: a checkpoint whose model, with one level fewer, becomes this model's inner
+            levels (progressive training, Sec. 3.4; `grow_from`), or None.
+        keep_checkpoints: how many of the latest checkpoints to keep (0: all).
     """
 
     model: NestedUNetConfig = field(default_factory=lambda: NestedUNetConfig(
@@ -84,7 +111,7 @@ class TrainConfig:
     max_samples: Annotated[int, Positive] | None = None
     text_encoder: Annotated[str, NonEmpty] | None = None
     batch_size: Annotated[int, Positive] = 16
-    epochs: Annotated[int, Positive] = 100
+    epochs: Annotated[int, Positive] | None = 100
     max_steps: Annotated[int, Positive] | None = 300
     max_time_s: Annotated[float, Positive] | None = None
     lr: Annotated[float, Positive] = 2e-3
@@ -93,7 +120,7 @@ class TrainConfig:
     gradient_clip_norm: Annotated[float, Range(0, hint="0: no clipping")] = 1.0
     num_gradient_accumulations: Annotated[int, Positive] = 1
     ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.999
-    precision: Annotated[str, OneOf("auto", "fp32", "bf16")] = "auto"
+    precision: Annotated[str, OneOf(*PRECISIONS)] = "auto"
     log_freq: Annotated[int, Positive] = 10
     save_freq: Annotated[int, Positive] = 500
     sample_prompts: list[str] | None = None
@@ -108,6 +135,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.epochs is None and self.max_steps is None and self.max_time_s is None:
+            raise ConfigError("is unset, as are max_steps and max_time_s: training would never stop; set one of them",
+                              "epochs")
         weights = self.diffusion.loss_weights
         if weights is not None and len(weights) != self.model.num_levels:
             raise ConfigError(f"has {len(weights)} entries for a {self.model.num_levels}-level model: give one weight "
@@ -124,8 +154,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError, with the fix in its message, for what cannot work on this machine (the
         fields' types and ranges are checked when the config is built)."""
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ConfigError("--device cuda was asked for but no GPU is visible; use --device cpu (or auto)")
+        resolve_device(self.device)  # a GPU that is not there
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ConfigError(f"--output_dir {self.output_dir} is a file; pass a directory path")
         check_writable(self.output_dir)
@@ -140,7 +169,7 @@ class TrainConfig:
 
 
 def cpu_preset() -> TrainConfig:
-    """Shapes on a laptop CPU: 2.5M parameters, about 18 images/s on 2 cores, learning in minutes."""
+    """Shapes on a laptop CPU: the defaults of TrainConfig, a 3-level NestedUNet of 2.5M parameters."""
     return TrainConfig()
 
 
@@ -169,47 +198,6 @@ def paper_preset() -> TrainConfig:
 PRESETS = {"cpu": cpu_preset, "colab": colab_preset, "paper": paper_preset}
 
 
-def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
-    """A single-level UNet at the same image size with about as many parameters as `nested`.
-
-    It reaches the same innermost resolution with one channel multiplier per halving and keeps
-    the inner UNet's blocks and attention resolutions; only its width is searched, in steps of 2
-    (steps of 8 missed the cpu preset's count by 18%), for the parameter count closest to the
-    NestedUNet's among widths whose attention channels split evenly into heads. The baseline of
-    Gu et al. 2023, Sec. 5.
-    """
-    with torch.device("meta"):
-        target = sum(p.numel() for p in NestedUNet(nested).parameters())
-    inner = nested.inner
-    halvings = nested.num_levels - 1 + len(inner.channel_mult) - 1
-    mult = (1,) + tuple(min(2 ** k, 4) for k in range(1, halvings + 1))
-
-    def config(channels: int, head_dim: int = inner.head_dim) -> NestedUNetConfig:
-        return NestedUNetConfig(image_size=nested.image_size, num_levels=1, inner=dataclasses.replace(
-            inner, channels=channels, channel_mult=mult, emb_dim=None, head_dim=head_dim))
-
-    @functools.cache
-    def size(channels: int) -> int:
-        # Heads own no parameters: count with one head, which any width allows, and without allocating.
-        with torch.device("meta"):
-            return sum(p.numel() for p in NestedUNet(config(channels, channels * max(mult))).parameters())
-
-    def splits_into_heads(channels: int) -> bool:
-        """Whether each attention block's channels * mult features split into its features // head_dim heads."""
-        features = [channels * m for i, m in enumerate(mult) if nested.image_size >> i in inner.attention_resolutions]
-        return all(f % max(1, f // inner.head_dim) == 0 for f in features)
-
-    low, high = 2, 2  # the parameter count grows with the width: bracket the target, then bisect
-    while size(high) < target:
-        low, high = high, high * 2
-    while high - low > 2:
-        mid = (low + high) // 4 * 2
-        low, high = (mid, high) if size(mid) < target else (low, mid)
-    below = next(c for c in range(low, 0, -2) if splits_into_heads(c))  # width 2 always has one head
-    above = next(c for c in itertools.count(high, 2) if splits_into_heads(c))
-    return config(min((below, above), key=lambda c: abs(size(c) - target)))
-
-
 @dataclass
 class TrainResult:
     """What `train` returns: the trained model and its EMA (on the training device), the config,
@@ -221,44 +209,11 @@ class TrainResult:
     history: list[dict]
     checkpoint: Path | None
 
-    def pipeline(self, use_ema: bool = True):
+    def pipeline(self, use_ema: bool = True) -> MDMPipeline:
         """An MDMPipeline around the trained (EMA) model, to sample from prompts."""
-        from .sample import MDMPipeline
-
         model = self.ema if use_ema else self.model
         device = next(model.parameters()).device
         return MDMPipeline(model, TextEncoder(self.config.text_encoder, device=device), self.config.diffusion, device)
-
-
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _device(config: TrainConfig, local_rank: int) -> torch.device:
-    if config.device == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if config.device == "cuda":
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(config.device)
-
-
-def choose_precision(config: TrainConfig, device: torch.device) -> tuple[bool, str]:
-    """(use bf16 autocast, why) for `config.precision` on `device`.
-
-    "auto" picks bf16 where the hardware computes it natively: GPUs of compute capability 8
-    (Ampere) or newer (`is_bf16_supported()` also says yes on a T4, where bf16 is emulated and
-    slow), and CPUs with AMX tiles (Intel Sapphire Rapids and newer), whose bf16 matrix units make
-    training faster. Elsewhere a CPU emulates bf16 and can run an order of magnitude slower, so fp32.
-    """
-    if config.precision != "auto":
-        return config.precision == "bf16", f"--precision {config.precision}"
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        native = major >= 8
-        return native, f"GPU compute capability {major}.{minor} {'has' if native else 'lacks'} native bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return amx, f"this CPU {'has' if amx else 'lacks'} AMX bf16 matrix units"
 
 
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -284,10 +239,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 def _model_config(ckpt) -> NestedUNetConfig:
     """The model config a checkpoint was trained with; CheckpointError if its config.json holds none that works."""
-    try:
-        return build(NestedUNetConfig, ckpt.config.get("model"), "model")
-    except ConfigError as error:
-        raise CheckpointError(f"{ckpt.path / 'config.json'}: {error}") from None
+    return checkpoint_configs(ckpt)[0]
 
 
 def grow_from(checkpoint_path: str, config: NestedUNetConfig) -> NestedUNet:
@@ -311,28 +263,375 @@ def grow_from(checkpoint_path: str, config: NestedUNetConfig) -> NestedUNet:
         "smaller model with --image_size half of this one, --num_levels one fewer and the same preset")
 
 
+@dataclass
+class Run:
+    """A training run in progress: what `set_up` builds and every phase after it reads.
+
+    step, epoch, batch_in_epoch: where the run stands (batch_in_epoch counts micro-batches);
+    train_time: seconds of training so far, summed over resumes; total_steps: where it stops
+    (None: only max_time_s stops it); writer: whether this process writes files (rank 0).
+    """
+
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool
+    model: NestedUNet
+    net: torch.nn.Module  # the model, or its DistributedDataParallel wrapper
+    ema: NestedUNet
+    optimizer: torch.optim.Optimizer
+    encoder: TextEncoder
+    dataset: Dataset
+    sampler: DistributedSampler
+    steps_per_epoch: int
+    total_steps: int | None
+    prompts: list[str]
+    history: list[dict]
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    train_time: float = 0.0
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def latest(self) -> Path:
+        return self.output_dir / "checkpoint_latest"
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def finished(self) -> bool:
+        return self.total_steps is not None and self.step >= self.total_steps
+
+    def out_of_time(self) -> bool:
+        return self.config.max_time_s is not None and self.train_time >= self.config.max_time_s
+
+    def epoch_batches(self) -> list[list[int]]:
+        """This epoch's micro-batches of dataset indices, in the order of (seed, epoch), whole steps only."""
+        self.sampler.set_epoch(self.epoch)
+        accum = self.config.num_gradient_accumulations
+        return list(BatchSampler(self.sampler, self.config.batch_size, drop_last=True))[: self.steps_per_epoch * accum]
+
+    def loader(self, batches: list[list[int]]) -> Iterator[dict]:
+        """The batches of this epoch from batch_in_epoch on (a resumed run continues mid-epoch)."""
+        # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
+        # which would shift the dropout of a run resumed mid-epoch.
+        with _INTERRUPT.held_while_workers_start():
+            return iter(DataLoader(self.dataset, batch_sampler=batches[self.batch_in_epoch:], collate_fn=collate,
+                                   num_workers=self.config.num_workers,
+                                   generator=torch.Generator().manual_seed(self.config.seed + self.epoch)))
+
+
+def set_up(config: TrainConfig, resume: bool) -> Run:
+    """Everything before the first step: the process group, the device, the model (new, grown
+    from `init_from`, or resumed with its optimizer and position), its EMA, the data, the text
+    encoder and the lock on output_dir. Raises ConfigError or CheckpointError, before anything is
+    written, for what cannot work."""
+    config.validate()
+    rank, world, local_rank = _distributed()
+    device = resolve_device(config.device, local_rank)
+    check_fits(config.model, device, batch_size=config.batch_size)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    output_dir = Path(config.output_dir)
+    if rank == 0:
+        check_unlocked(output_dir)
+    latest = output_dir / "checkpoint_latest"
+    has_checkpoint = latest.exists() or latest.is_symlink()
+    if has_checkpoint and not resume:
+        raise ConfigError(f"{output_dir} already holds a training run; pass --resume to continue it, or "
+                          "choose a new --output_dir")
+    if resume and not has_checkpoint:
+        raise ConfigError(f"--resume: no checkpoint_latest in {output_dir}; drop --resume to start a new run")
+
+    torch.manual_seed(config.seed)
+    model = grow_from(config.init_from, config.model) if config.init_from else NestedUNet(config.model)
+    model.to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
+                                  weight_decay=config.weight_decay)
+    position = _resume(latest, config, model, ema, optimizer) if resume else (0, 0, 0, 0.0)
+
+    dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
+                           max_samples=config.max_samples, **config.dataset_options)
+    encoder = TextEncoder(config.text_encoder, device=device)
+    if encoder.dim != config.model.inner.text_dim:
+        raise ConfigError(f"the text encoder gives {encoder.dim}-d tokens but the model expects "
+                          f"{config.model.inner.text_dim}; set model.inner.text_dim to {encoder.dim}")
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
+                                 drop_last=True)
+    accum = config.num_gradient_accumulations
+    steps_per_epoch = len(sampler) // config.batch_size // accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one step needs "
+                          f"({config.batch_size * accum * world}); lower --batch_size or use more data")
+    limits = [n for n in (config.max_steps, config.epochs and config.epochs * steps_per_epoch) if n is not None]
+    net = DistributedDataParallel(model) if world > 1 else model
+    bf16, why = choose_precision(config.precision, device)
+    if rank == 0:
+        lock_run(output_dir)
+    history = _read_history(output_dir / "metrics.jsonl", position[0], rewrite=rank == 0)
+    run = Run(config, rank, world, device, bf16, model, net, ema, optimizer, encoder, dataset, sampler,
+              steps_per_epoch, min(limits) if limits else None, _sample_prompts(config, dataset), history, *position)
+    if run.writer:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        print(f"mdm-lite train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"levels {config.model.resolutions}, {config.dataset} ({len(dataset)} samples), device {device}"
+              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'} ({why}), {_budget(run)}",
+              file=sys.stderr)
+        if run.finished:
+            print(f"mdm-lite train: {output_dir} is already at step {run.step} of {run.total_steps}, nothing to "
+                  "train; raise --max_steps (or --epochs) to train on", file=sys.stderr)
+    return run
+
+
+def _resume(latest: Path, config: TrainConfig, model: NestedUNet, ema: NestedUNet,
+            optimizer: torch.optim.Optimizer) -> tuple[int, int, int, float]:
+    """Load a run's latest checkpoint into model, ema, optimizer and the RNG; returns where it
+    stood: (step, epoch, batch_in_epoch, train_time)."""
+    ckpt = load_checkpoint(latest)
+    if _model_config(ckpt) != config.model:
+        raise CheckpointError(f"{ckpt.path} was trained with a different model config; resume with the same "
+                              "--preset/--num_levels/--image_size/--config, or choose a new --output_dir")
+    if ckpt.model is None:
+        raise CheckpointError(f"{ckpt.path} is an exported checkpoint (EMA weights only) and cannot be resumed; "
+                              "start a new run from it with --init_from")
+    load_weights(model, ckpt.model, ckpt.path)
+    load_weights(ema, ckpt.ema, ckpt.path)
+    if not (model.gives_finite_outputs() and ema.gives_finite_outputs()):
+        raise CheckpointError(f"{ckpt.path}: its weights give non-finite outputs (the run had diverged before "
+                              "this save); resume from an earlier checkpoint, or start a new run")
+    optimizer.load_state_dict(ckpt.optimizer_state([p.shape for p in model.parameters()]))
+    rng = ckpt.rng_state()
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    return (*ckpt.position(), ckpt.state.get("train_time_s", 0.0))
+
+
+def _budget(run: Run) -> str:
+    """Where the run goes, for its first line: "steps 0->2000", "steps 0->2000 or until 600 s of
+    training", "from step 0 until 600 s of training" (max_time_s counts the resumed runs too)."""
+    until = f"until {run.config.max_time_s:g} s of training" if run.config.max_time_s else ""
+    if run.total_steps is None:
+        return f"from step {run.step} {until}"
+    return f"steps {run.step}->{run.total_steps}" + (f" or {until}" if until else "")
+
+
+def train_step(run: Run, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of the MDM recipe (Gu et al. 2023, Sec. 3) on the next micro-batches.
+
+    Returns (loss, per-level losses (num_levels,)), averaged over micro-batches and processes.
+    Raises TrainingDiverged for a loss that is not finite, before it touches the weights.
+    """
+    config, accum, levels = run.config, run.config.num_gradient_accumulations, run.config.model.num_levels
+    generator = step_generator(config.seed, run.rank, run.step)  # times, noise, dropout: same on a resume
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, run.step)
+    total, per_level = 0.0, torch.zeros(levels)
+    for micro in range(accum):
+        batch = next(batches)
+        x0 = batch["image"].to(run.device, non_blocking=True)
+        # Caption dropout: train some captions as the empty prompt, for classifier-free guidance.
+        text = run.encoder(drop_captions(batch["caption"], config.diffusion.cond_drop_prob, generator))
+        sync = micro == accum - 1 or run.world == 1  # DDP averages gradients on the last micro-batch only
+        with run.net.no_sync() if not sync else contextlib.nullcontext():
+            with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+                # The multi-resolution loss (Eq. 4): one time t, every level noised, one forward pass.
+                loss, losses = multires_loss(run.net, x0, text.tokens, text.mask, config.diffusion, levels, generator)
+            (loss / accum).backward()
+        total += loss.detach().float() / accum
+        per_level += torch.stack(losses).float().cpu() / accum
+    if run.world > 1:
+        stats = torch.cat([total.reshape(1), per_level.to(run.device)])
+        dist.all_reduce(stats)
+        total, per_level = stats[0] / run.world, stats[1:].cpu() / run.world
+    if not torch.isfinite(total):
+        raise _diverged(f"loss became {float(total)} at step {run.step + 1}", run.latest)
+    if config.gradient_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.gradient_clip_norm)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.model, config.ema_decay, run.step)  # the weights sampling uses
+    return total, per_level
+
+
+class _Log:
+    """The progress bar and metrics.jsonl: every step's loss, averaged over log_freq steps."""
+
+    def __init__(self, run: Run, progress: bool):
+        self.run = run
+        self.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (progress and run.writer),
+                        dynamic_ncols=True)
+        self._reset()
+
+    def _reset(self):
+        self.losses, self.levels, self.images, self.start = [], [], 0, time.perf_counter()
+
+    def step(self, loss: torch.Tensor, per_level: torch.Tensor, last: bool) -> None:
+        """Record the step just taken (run.step is its number); write a record every log_freq steps and at the last."""
+        run, config = self.run, self.run.config
+        self.losses.append(float(loss))
+        self.levels.append(per_level)
+        self.images += config.batch_size * config.num_gradient_accumulations * run.world
+        rate = self.images / (time.perf_counter() - self.start)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{rate:.1f}")
+        if run.step % config.log_freq == 0 or last:
+            record = {"step": run.step, "epoch": run.epoch, "loss": float(np.mean(self.losses)),
+                      **{f"loss_{r}": float(v) for r, v in
+                         zip(config.model.resolutions, torch.stack(self.levels).mean(0))},
+                      "lr": learning_rate(config, run.step - 1), "images_per_s": rate, "train_time_s": run.train_time}
+            run.history.append(record)
+            if run.writer:
+                with open(run.output_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            self._reset()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def save(run: Run, epoch_done: bool, log: _Log) -> Path | None:
+    """A checkpoint of the run as it stands (model, EMA, optimizer, config, position, RNG), then
+    loss.png and a sample grid with its prompts; rank 0 writes, every rank waits for it. Returns
+    the checkpoint's directory (None on other ranks). Raises TrainingDiverged, saving nothing, for
+    weights whose outputs are no longer finite."""
+    checkpoint = None
+    if run.writer:
+        if not (run.model.gives_finite_outputs() and run.ema.gives_finite_outputs()):  # finite loss, huge weights
+            raise _diverged(f"the weights diverged at step {run.step} (their outputs overflow the loss; not saved)",
+                            run.latest)
+        state = {"epoch": run.epoch + epoch_done, "batch_in_epoch": 0 if epoch_done else run.batch_in_epoch,
+                 "total_steps": run.total_steps, "train_time_s": run.train_time,
+                 "loss": run.history[-1]["loss"] if run.history else None}
+        checkpoint = save_checkpoint(run.output_dir, run.step, run.model.state_dict(), run.ema.state_dict(),
+                                     run.optimizer.state_dict(), run.config.to_dict(), state,
+                                     {"torch": torch.get_rng_state()}, keep=run.config.keep_checkpoints)
+        grid = _save_pictures(run)
+        log.bar.write(f"step {run.step}: saved {checkpoint} and {grid}")
+    if run.world > 1:
+        dist.barrier()
+    return checkpoint
+
+
+def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train a NestedUNet as `config` says; write checkpoints, metrics.jsonl, loss.png and sample
+    grids under config.output_dir (rank 0 only). resume: continue from output_dir's
+    checkpoint_latest (its model config must match). Returns a TrainResult.
+    """
+    with _INTERRUPT, _lock_released_at_exit(config.output_dir):
+        run = set_up(config, resume)
+        log = _Log(run, progress)
+        checkpoint = resolve_checkpoint(run.latest) if run.finished else None  # a resumed run already done
+        stop = False
+        try:
+            while not (run.finished or stop):
+                batches = run.epoch_batches()
+                loader = run.loader(batches)
+                while run.batch_in_epoch < len(batches) and not (run.finished or stop):
+                    step_start = time.perf_counter()
+                    loss, per_level = train_step(run, loader)
+                    run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + config.num_gradient_accumulations
+                    run.train_time += time.perf_counter() - step_start
+                    stop = _stop_requested(run)
+                    log.step(loss, per_level, last=run.finished or stop)
+                    if run.step % config.save_freq == 0 or run.finished or stop:
+                        checkpoint = save(run, run.batch_in_epoch >= len(batches), log)
+                if run.batch_in_epoch >= len(batches):
+                    run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+        finally:
+            log.close()
+        if _INTERRUPT.requested:
+            raise TrainingInterrupted(run.step, checkpoint)
+        return TrainResult(run.model, run.ema, config, run.history, checkpoint)
+
+
+@contextlib.contextmanager
+def _lock_released_at_exit(output_dir: str):
+    """Release the lock `set_up` takes on output_dir however the run ends."""
+    try:
+        yield
+    finally:
+        unlock_run(output_dir)
+
+
+def _stop_requested(run: Run) -> bool:
+    """Whether to stop after this step: Ctrl-C, or max_time_s spent. Every rank stops at the same
+    step: rank 0 decides."""
+    stop = _INTERRUPT.requested or run.out_of_time()
+    if run.world > 1:
+        flag = torch.tensor([float(stop)], device=run.device)
+        dist.broadcast(flag, 0)
+        stop = bool(flag.item())
+    return stop
+
+
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
 def _sample_prompts(config: TrainConfig, dataset) -> list[str]:
     if config.sample_prompts:
         return list(config.sample_prompts)
     return [dataset[i]["caption"] for i in range(min(8, len(dataset)))]
 
 
-def _save_pictures(output_dir: Path, step: int, history: list[dict], ema: NestedUNet, encoder: TextEncoder,
-                   config: TrainConfig, prompts: list[str], device: torch.device) -> Path:
+def _save_pictures(run: Run) -> Path:
     """Write loss.png (the loss curves so far), samples_{step}.png and its prompts beside it,
     samples_{step}.txt (one line per image, row by row); returns the grid's path."""
-    from .sample import MDMPipeline, plot_losses, save_grid
-
-    plot_losses(history, output_dir / "loss.png")
-    pipe = MDMPipeline(ema, encoder, config.diffusion, device)
+    config, prompts = run.config, run.prompts
+    plot_losses(run.history, run.output_dir / "loss.png")
+    pipe = MDMPipeline(run.ema, run.encoder, config.diffusion, run.device)
     out = pipe(prompts, num_inference_steps=config.num_sample_steps, guidance_scale=config.guidance_scale,
                seed=config.seed, output_type="pt")
-    path = output_dir / f"samples_{step:06d}.png"
+    path = run.output_dir / f"samples_{run.step:06d}.png"
     columns = min(8, len(prompts))
     save_grid(out.images, path, nrow=columns)
     path.with_suffix(".txt").write_text("".join(f"row {i // columns + 1}, column {i % columns + 1}: {prompt}\n"
                                                 for i, prompt in enumerate(prompts)))
     return path
+
+
+def _diverged(what: str, latest: Path) -> TrainingDiverged:
+    if latest.exists():  # every checkpoint saved was checked first: the latest is good
+        return TrainingDiverged(f"{what}; stopped, the last good checkpoint is {resolve_checkpoint(latest)}. Lower "
+                                "--lr or --gradient_clip_norm and pass --resume")
+    return TrainingDiverged(f"{what}; stopped, no checkpoint was saved yet. Lower --lr or --gradient_clip_norm and "
+                            "run again")
+
+
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record, or None if it is not one."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
+
+
+def _read_history(path: Path, step: int, rewrite: bool) -> list[dict]:
+    """metrics.jsonl records up to `step` (0 for a new run): a killed run may have logged past its
+    last checkpoint, or have saved none, and those records are dropped (from the file too, if
+    `rewrite`, replaced atomically for the other ranks reading it) as this run logs them again.
+    So is a line that is not a record: the half-written last line of a run killed as it logged."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    kept = [r for r in map(_record, lines) if r is not None and r["step"] <= step]
+    if rewrite and len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -387,236 +686,3 @@ class _Interrupt:
 
 
 _INTERRUPT = _Interrupt()
-
-
-def _one_run_per_output_dir(function):
-    """`train` with Ctrl-C handled by _INTERRUPT, and the lock it takes on its output_dir released
-    however it ends."""
-    @functools.wraps(function)
-    def run(config: TrainConfig, *args, **kwargs) -> TrainResult:
-        with _INTERRUPT:
-            try:
-                return function(config, *args, **kwargs)
-            finally:
-                unlock_run(config.output_dir)
-    return run
-
-
-@_one_run_per_output_dir
-def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
-    """Train a NestedUNet as `config` says; write checkpoints, metrics.jsonl, loss.png and sample
-    grids under config.output_dir (rank 0 only). resume: continue from output_dir's
-    checkpoint_latest (its model config must match). Returns a TrainResult.
-    """
-    config.validate()
-    rank, world, local_rank = _distributed()
-    device = _device(config, local_rank)
-    check_fits(config.model, device, batch_size=config.batch_size)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    output_dir = Path(config.output_dir)
-    if rank == 0:
-        check_unlocked(output_dir)
-    latest = output_dir / "checkpoint_latest"
-    has_checkpoint = latest.exists() or latest.is_symlink()
-    if has_checkpoint and not resume:
-        raise ConfigError(f"{output_dir} already holds a training run; pass --resume to continue it, or "
-                          "choose a new --output_dir")
-    if resume and not has_checkpoint:
-        raise ConfigError(f"--resume: no checkpoint_latest in {output_dir}; drop --resume to start a new run")
-
-    torch.manual_seed(config.seed)
-    if config.init_from:
-        model = grow_from(config.init_from, config.model)
-    else:
-        model = NestedUNet(config.model)
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),
-                                  weight_decay=config.weight_decay)
-    step, epoch, batch_in_epoch, train_time = 0, 0, 0, 0.0
-    if resume:
-        ckpt = load_checkpoint(latest)
-        if _model_config(ckpt) != config.model:
-            raise CheckpointError(f"{ckpt.path} was trained with a different model config; resume with the same "
-                                  "--preset/--num_levels/--image_size/--config, or choose a new --output_dir")
-        if ckpt.model is None:
-            raise CheckpointError(f"{ckpt.path} is an exported checkpoint (EMA weights only) and cannot be resumed; "
-                                  "start a new run from it with --init_from")
-        load_weights(model, ckpt.model, ckpt.path)
-        load_weights(ema, ckpt.ema, ckpt.path)
-        if not (model.gives_finite_outputs() and ema.gives_finite_outputs()):
-            raise CheckpointError(f"{ckpt.path}: its weights give non-finite outputs (the run had diverged before "
-                                  "this save); resume from an earlier checkpoint, or start a new run")
-        optimizer.load_state_dict(ckpt.optimizer_state([p.shape for p in model.parameters()]))
-        rng = ckpt.rng_state()
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        step, epoch, batch_in_epoch = ckpt.position()
-        train_time = ckpt.state.get("train_time_s", 0.0)
-
-    dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
-                           max_samples=config.max_samples, **config.dataset_options)
-    encoder = TextEncoder(config.text_encoder, device=device)
-    if encoder.dim != config.model.inner.text_dim:
-        raise ConfigError(f"the text encoder gives {encoder.dim}-d tokens but the model expects "
-                          f"{config.model.inner.text_dim}; set model.inner.text_dim to {encoder.dim}")
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=config.seed,
-                                 drop_last=True)
-    accum = config.num_gradient_accumulations
-    steps_per_epoch = len(sampler) // config.batch_size // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one step needs "
-                          f"({config.batch_size * accum * world}); lower --batch_size or use more data")
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    net = DistributedDataParallel(model) if world > 1 else model
-    bf16, why = choose_precision(config, device)
-    levels = config.model.num_levels
-    prompts = _sample_prompts(config, dataset)
-    writer = rank == 0
-    if writer:
-        lock_run(output_dir)
-    history = _read_history(output_dir / "metrics.jsonl", step, rewrite=writer)
-    if writer:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        print(f"mdm-lite train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"levels {config.model.resolutions}, {config.dataset} ({len(dataset)} samples), device {device}"
-              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'} ({why}), steps {step}->{total_steps}",
-              file=sys.stderr)
-    if writer and step >= total_steps:
-        print(f"mdm-lite train: {output_dir} is already at step {step} of {total_steps}, nothing to train; raise "
-              "--max_steps (or --epochs) to train on", file=sys.stderr)
-    bar = tqdm(total=total_steps, initial=step, disable=not (progress and writer), dynamic_ncols=True)
-    window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
-    checkpoint = resolve_checkpoint(latest) if step >= total_steps else None  # a resumed run already done
-    stop = False
-    while step < total_steps and not stop:
-        sampler.set_epoch(epoch)
-        batches = list(BatchSampler(sampler, config.batch_size, drop_last=True))[: steps_per_epoch * accum]
-        # Its own generator: a DataLoader draws its workers' base seed from the global RNG otherwise,
-        # which would shift the dropout of a run resumed mid-epoch.
-        with _INTERRUPT.held_while_workers_start():
-            loader = iter(DataLoader(dataset, batch_sampler=batches[batch_in_epoch:], collate_fn=collate,
-                                     num_workers=config.num_workers,
-                                     generator=torch.Generator().manual_seed(config.seed + epoch)))
-        while batch_in_epoch < len(batches) and step < total_steps and not stop:
-            step_start = time.perf_counter()
-            generator = step_generator(config.seed, rank, step)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            total, per_level = 0.0, torch.zeros(levels)
-            for micro in range(accum):
-                batch = next(loader)
-                x0 = batch["image"].to(device, non_blocking=True)
-                text = encoder(drop_captions(batch["caption"], config.diffusion.cond_drop_prob, generator))
-                sync = micro == accum - 1 or world == 1
-                with net.no_sync() if not sync else contextlib.nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        loss, losses = multires_loss(net, x0, text.tokens, text.mask, config.diffusion, levels,
-                                                     generator)
-                    (loss / accum).backward()
-                total += loss.detach().float() / accum
-                per_level += torch.stack(losses).float().cpu() / accum
-            batch_in_epoch += accum
-            if world > 1:
-                stats = torch.cat([total.reshape(1), per_level.to(device)])
-                dist.all_reduce(stats)
-                total, per_level = stats[0] / world, stats[1:].cpu() / world
-            if not torch.isfinite(total):
-                bar.close()
-                raise _diverged(f"loss became {float(total)} at step {step + 1}", latest)
-            if config.gradient_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.gradient_clip_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            update_ema(ema, model, config.ema_decay, step)
-            step += 1
-            train_time += time.perf_counter() - step_start
-            stop = _INTERRUPT.requested or config.max_time_s is not None and train_time >= config.max_time_s
-            if world > 1:  # every rank stops at the same step: rank 0 decides
-                flag = torch.tensor([float(stop)], device=device)
-                dist.broadcast(flag, 0)
-                stop = bool(flag.item())
-            last = step == total_steps or stop
-            window["loss"].append(float(total))
-            window["levels"].append(per_level)
-            window["images"] += x0.shape[0] * accum * world
-            rate = window["images"] / (time.perf_counter() - window["start"])
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(total):.4f}", img_s=f"{rate:.1f}")
-            if step % config.log_freq == 0 or last:
-                record = {"step": step, "epoch": epoch, "loss": float(np.mean(window["loss"])),
-                          **{f"loss_{r}": float(v) for r, v in
-                             zip(config.model.resolutions, torch.stack(window["levels"]).mean(0))},
-                          "lr": learning_rate(config, step - 1), "images_per_s": rate, "train_time_s": train_time}
-                history.append(record)
-                if writer:
-                    with open(output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                window = {"loss": [], "levels": [], "images": 0, "start": time.perf_counter()}
-            if step % config.save_freq == 0 or last:
-                done_epoch = batch_in_epoch >= len(batches)
-                state = {"epoch": epoch + done_epoch, "batch_in_epoch": 0 if done_epoch else batch_in_epoch,
-                         "total_steps": total_steps, "train_time_s": train_time,
-                         "loss": history[-1]["loss"] if history else None}
-                if writer:
-                    if not (model.gives_finite_outputs() and ema.gives_finite_outputs()):  # finite loss, huge weights
-                        bar.close()
-                        raise _diverged(f"the weights diverged at step {step} (their outputs overflow the loss; not "
-                                        "saved)", latest)
-                    checkpoint = save_checkpoint(output_dir, step, model.state_dict(), ema.state_dict(),
-                                                 optimizer.state_dict(), config.to_dict(), state,
-                                                 {"torch": torch.get_rng_state()}, keep=config.keep_checkpoints)
-                    grid = _save_pictures(output_dir, step, history, ema, encoder, config, prompts, device)
-                    bar.write(f"step {step}: saved {checkpoint} and {grid}")
-                if world > 1:
-                    dist.barrier()
-        if batch_in_epoch >= len(batches):
-            epoch, batch_in_epoch = epoch + 1, 0
-    bar.close()
-    if _INTERRUPT.requested:
-        raise TrainingInterrupted(step, checkpoint)
-    return TrainResult(model, ema, config, history, checkpoint)
-
-
-def _diverged(what: str, latest: Path) -> TrainingDiverged:
-    if latest.exists():  # every checkpoint saved was checked first: the latest is good
-        return TrainingDiverged(f"{what}; stopped, the last good checkpoint is {resolve_checkpoint(latest)}. Lower "
-                                "--lr or --gradient_clip_norm and pass --resume")
-    return TrainingDiverged(f"{what}; stopped, no checkpoint was saved yet. Lower --lr or --gradient_clip_norm and "
-                            "run again")
-
-
-def _record(line: str) -> dict | None:
-    """A metrics.jsonl line as a record, or None if it is not one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
-
-
-def _read_history(path: Path, step: int, rewrite: bool) -> list[dict]:
-    """metrics.jsonl records up to `step` (0 for a new run): a killed run may have logged past its
-    last checkpoint, or have saved none, and those records are dropped (from the file too, if
-    `rewrite`, replaced atomically for the other ranks reading it) as this run logs them again.
-    So is a line that is not a record: the half-written last line of a run killed as it logged."""
-    if not path.exists():
-        return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    kept = [r for r in map(_record, lines) if r is not None and r["step"] <= step]
-    if rewrite and len(kept) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, path)
-    return kept
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from mdm_lite.data import DatasetError, ShapesDataset, collate, load_dataset, prefetch, preprocess
-from mdm_lite.data.__main__ import main as prefetch_main
+from mdm_lite.cli import main as mdm_lite_main
 
 FLICKR_FEATURES = datasets.Features({  # lmms-lab/flickr30k
     "image": datasets.Image(),
@@ -305,5 +305,5 @@ def test_collate_stacks_images_and_lists_captions_and_attributes():
 
 def test_prefetch_loads_the_dataset_once_and_reports_its_size(tiny_imagenet, capsys):
     assert prefetch("tiny-imagenet", path=str(tiny_imagenet)) == 8
-    prefetch_main(["--dataset", "shapes"])
+    assert mdm_lite_main(["prefetch", "--dataset", "shapes"]) == 0
     assert "shapes (train): 10000 samples" in capsys.readouterr().out

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mdm_lite.sample import DEFAULT_SAMPLER
+from mdm_lite.samplers import DEFAULT_SAMPLER
 
 gr = pytest.importorskip("gradio", reason='the demo extra is not installed: pip install -e ".[dev]"')
 from gradio_client import Client  # noqa: E402

@@ -11,21 +11,16 @@ import scipy.stats
 import torch
 
 from mdm_lite.data import ShapesDataset
+from mdm_lite.judge import ATTRIBUTES, JUDGE_PATH, Judge, load_judge, perturb, save_judge
 from mdm_lite.metrics import (
-    ATTRIBUTES,
-    JUDGE_PATH,
     FIDUnavailable,
-    Judge,
     edge_ratio,
     evaluate_samples,
     frechet_distance,
     gaussian_frechet_distance,
     inception_fid,
     inception_weights,
-    load_judge,
-    perturb,
     prompt_accuracy,
-    save_judge,
     wilson_interval,
 )
 
@@ -175,7 +170,7 @@ def test_evaluate_samples_gives_one_row(judge, real):
 
 def test_evaluate_pipeline_times_its_images_with_and_without_progress_bars(judge, capsys):
     from mdm_lite.metrics import evaluate_pipeline
-    from mdm_lite.sample import MDMPipeline
+    from mdm_lite.pipeline import MDMPipeline
 
     pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
     for progress in (False, True):

@@ -27,8 +27,7 @@ def test_shipped_checkpoint_samples_every_level_by_name():
 
 
 def test_bf16_sampling_follows_fp32_to_bf16_rounding_and_auto_picks_it_where_training_does():
-    from mdm_lite.sample import uses_bf16
-    from mdm_lite.train import TrainConfig, choose_precision
+    from mdm_lite.device import choose_precision
 
     pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
     prompts = ["a large red circle in the center on a white background", "a small blue star top left"]
@@ -36,8 +35,8 @@ def test_bf16_sampling_follows_fp32_to_bf16_rounding_and_auto_picks_it_where_tra
                         for precision in ("fp32", "bf16", "auto"))
     for a, b in zip(fp32.levels, bf16.levels):  # measured: mean 0.005 to 0.008, on images in [-1, 1]
         assert 0 < (a - b).abs().mean() < 0.03
-    native = choose_precision(TrainConfig(precision="auto"), pipe.device)[0]
-    assert uses_bf16("auto", pipe.device) == native
+    native = choose_precision("auto", pipe.device)[0]
+    assert pipe.uses_bf16("auto") == native
     assert all(torch.equal(a, b) for a, b in zip(auto.levels, (bf16 if native else fp32).levels))
 
 

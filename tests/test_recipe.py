@@ -6,7 +6,8 @@ import torch
 from mdm_lite.checkpoint import load_checkpoint
 from mdm_lite.cli import main
 from mdm_lite.recipe import RECIPES, Stage, run_recipe, stage_configs
-from mdm_lite.train import ConfigError, TrainConfig, choose_precision
+from mdm_lite.device import choose_precision
+from mdm_lite.train import ConfigError, TrainConfig
 from tiny_run import snapshot, state_equal, tiny_config
 
 # The progressive recipe's shape at the tiny model's sizes: one level at 8x8 at a single noise
@@ -67,8 +68,8 @@ def test_options_of_a_single_run_with_the_default_recipe_exit_2_naming_recipe_no
 
 
 def test_precision_auto_uses_bf16_exactly_where_the_cpu_has_amx_and_says_why():
-    assert choose_precision(TrainConfig(precision="fp32"), torch.device("cpu")) == (False, "--precision fp32")
-    assert choose_precision(TrainConfig(precision="bf16"), torch.device("cpu"))[0] is True
-    bf16, why = choose_precision(TrainConfig(precision="auto"), torch.device("cpu"))
+    assert choose_precision("fp32", torch.device("cpu")) == (False, "--precision fp32")
+    assert choose_precision("bf16", torch.device("cpu"))[0] is True
+    bf16, why = choose_precision("auto", torch.device("cpu"))
     assert bf16 == torch.cpu._is_amx_tile_supported()
     assert "AMX" in why

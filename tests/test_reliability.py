@@ -218,7 +218,7 @@ def test_a_read_only_output_dir_is_refused_before_any_work(command, run, tmp_pat
     monkeypatch.setattr(checkpoint, "tempfile", _ReadOnly(tmp_path / "ro"))
     worked = []
     monkeypatch.setattr(train_module, "load_dataset", lambda *a, **k: worked.append(1))
-    monkeypatch.setattr("mdm_lite.sample.MDMPipeline.from_pretrained", lambda *a, **k: worked.append(1))
+    monkeypatch.setattr("mdm_lite.pipeline.MDMPipeline.from_pretrained", lambda *a, **k: worked.append(1))
     argv = (_train(tmp_path, "--output_dir", tmp_path / "ro" / "out") if command == "train" else
             _sample(run.config.output_dir, tmp_path / "ro" / "out"))
     status, line = _call(capsys, *argv)
@@ -286,7 +286,7 @@ def test_samples_that_come_out_non_finite_are_a_failed_run_not_black_images(run,
     def overflowing(model, resolutions, *args, **kwargs):  # what weights that overflow on these prompts give
         return [torch.full((1, 3, r, r), math.nan) for r in resolutions]
 
-    monkeypatch.setattr("mdm_lite.sample.sample", overflowing)
+    monkeypatch.setattr("mdm_lite.pipeline.sample", overflowing)
     status, line = _call(capsys, *_sample(run.config.output_dir, tmp_path / "out"))
     assert status == 1 and "non-finite images" in line and not (tmp_path / "out").exists(), line
 

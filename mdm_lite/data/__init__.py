@@ -1,4 +1,5 @@
-"""Image-caption datasets: the embedded Shapes scenes, Flickr30k, Tiny ImageNet, or your own.
+"""Image-caption datasets: the embedded Shapes scenes, Flickr30k, Tiny ImageNet, or your own
+(chapter 1; chapter 8 trains on the real ones).
 
 Every item is {"image": (3, H, W) float in [-1, 1], "caption": str}; Shapes items also carry
 "attributes" (see `mdm_lite.data.shapes`). `load_dataset` picks a dataset by name,

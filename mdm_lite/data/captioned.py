@@ -1,4 +1,5 @@
-"""Captioned image datasets read through Hugging Face `datasets`, and their one preprocessing path.
+"""Captioned image datasets read through Hugging Face `datasets`, and their one preprocessing path
+(chapter 1 writes `preprocess` inline).
 
 Every real dataset (Flickr30k, Tiny ImageNet, or any table with an image column and a text
 column) ends up as a `datasets.Dataset` wrapped in `CaptionedImageDataset`, which decodes,
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..images import from_pil
+
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as asked. The message is one line and names the fix."""
@@ -44,8 +47,7 @@ def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     image = image.resize(size, Image.BICUBIC)
     left, top = (size[0] - image_size) // 2, (size[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return from_pil(image)
 
 
 def _is_text(feature) -> bool:

@@ -1,4 +1,5 @@
-"""Flickr30k: 31,783 photos, five human captions each, from the Hub or from a local download.
+"""Flickr30k: 31,783 photos, five human captions each, from the Hub or from a local download
+(chapters 1 and 8).
 
 Sources, all read into the same table (image, caption: list of 5 str):
 

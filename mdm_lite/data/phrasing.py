@@ -1,4 +1,4 @@
-"""English glue shared by the caption writers: the indefinite article."""
+"""English glue shared by the caption writers: the indefinite article (chapter 1)."""
 
 # Words that start with a vowel letter but a consonant sound ("a European", "a unicorn").
 _CONSONANT_SOUND_PREFIXES = ("eu", "uni", "use", "one", "uk")

@@ -1,4 +1,5 @@
-"""Tiny ImageNet: 64x64 photos of 200 ImageNet classes, captioned "a photo of a goldfish".
+"""Tiny ImageNet: 64x64 photos of 200 ImageNet classes, captioned "a photo of a goldfish"
+(chapters 1 and 8).
 
 The Hub copy (default ``zh-plus/tiny-imagenet``; splits "train", 100,000 images, and "valid",
 10,000) has columns image and label, a ClassLabel whose names are WordNet ids such as
