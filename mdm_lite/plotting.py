@@ -49,16 +49,16 @@ def show_images(images: Sequence | Tensor, titles: Sequence[str] | None = None, 
     ncols = ncols or len(arrays)
     nrows = math.ceil(len(arrays) / ncols)
     height, width = arrays[0].shape[:2]
-    titles = [textwrap.fill(t, wrap) for t in titles] if titles is not None else None
-    column_titles = [textwrap.fill(t, wrap) for t in column_titles] if column_titles is not None else None
+    titles = [_wrapped(t, wrap) for t in titles] if titles is not None else None
+    column_titles = [_wrapped(t, wrap) for t in column_titles] if column_titles is not None else None
     shown = [line for t in (titles or []) + (column_titles or []) for line in t.splitlines()]
     em = fontsize / 72  # inches
-    title_height = max((t.count("\n") + 1 for t in (titles or []) + (column_titles or [])), default=0) * 1.3 * em
+    title_height = max((t.count("\n") + 1 for t in (titles or []) + (column_titles or [])), default=0) * 1.6 * em
     label_width = 0.0 if row_labels is None else (1 + max(l.count("\n") for l in row_labels)) * 1.3 * em
     cell_width = max(size * width / height, 0.55 * em * max(map(len, shown), default=0)) + 0.1
     fig, axes = plt.subplots(nrows, ncols, squeeze=False, dpi=80,
                              figsize=(ncols * cell_width + label_width,
-                                      nrows * (size + title_height + 0.1) + (2 * em if suptitle else 0)))
+                                      nrows * (size + title_height + 0.2) + (2 * em if suptitle else 0)))
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -76,10 +76,17 @@ def show_images(images: Sequence | Tensor, titles: Sequence[str] | None = None, 
     if row_labels is not None:
         for ax, label in zip(axes[:, 0], row_labels):
             ax.set_ylabel(label, fontsize=fontsize)
+    top = 1.0
     if suptitle:
         fig.suptitle(suptitle, fontsize=fontsize + 1)
-    fig.tight_layout()
+        top = 1 - 2 * em / fig.get_figheight()  # room for it above the titles
+    fig.tight_layout(rect=(0, 0, 1, top))
     return axes
+
+
+def _wrapped(text: str, width: int) -> str:
+    """`text` with each of its lines wrapped at `width` characters (its own line breaks kept)."""
+    return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
 
 
 def side_by_side(levels: list[Tensor]) -> Tensor:
