@@ -220,7 +220,7 @@ def _unknown(names, known, where: str) -> ConfigError:
 
 
 def build(cls, data, path: str | None = None):
-    """cls(**data) for a dataclass `cls` and a dict `data` (e.g. from JSON), with every error a
+    """``cls(**data)`` for a dataclass `cls` and a dict `data` (e.g. from JSON), with every error a
     ConfigError naming its path under `path`."""
     where = path or f"a {cls.__name__}"
     if not isinstance(data, dict):
