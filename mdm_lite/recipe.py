@@ -6,7 +6,11 @@ weights (`TrainConfig.init_from`, `NestedUNet.wrap`). The "progressive" recipe d
 one stage in front: the 16x16 UNet first learns the layout at a single high noise level. There
 the image is almost pure noise and the caption is all the model has to go on, so it must learn
 where "top left" is; over all noise levels at once, a small model learns the background, colour
-and size long before it learns positions (chapter 6 and TRAINING.md show the evidence).
+and size long before it learns positions (chapter 6 and TRAINING.md show the evidence). In that
+stage every Shapes caption names all five attributes: a caption without its background leaves the
+model to guess the colour of the whole image, an error so large at t = 0.97 that it drowns the
+few pixels of the object, and the layout is then not learnt in 2,000 steps; the later stages
+train on captions that leave attributes out, as people's prompts do.
 
 ::
 
@@ -34,7 +38,8 @@ class Stage:
 
     name: its folder under output_dir; image_size, num_levels: the model it trains (its inner
     levels are the previous stage's model, or the same model); steps: optimizer steps;
-    time_range, time_power: the training times (see DiffusionConfig).
+    time_range, time_power: the training times (see DiffusionConfig); all_attributes: Shapes captions
+    name every attribute (`ShapesConfig.omit` False; other datasets are unchanged).
     """
 
     name: str
@@ -43,12 +48,13 @@ class Stage:
     steps: int
     time_range: tuple[float, float] = (0.0, 1.0)
     time_power: float = 1.0
+    all_attributes: bool = False
 
 
 RECIPES: dict[str, tuple[Stage, ...]] = {
     # The last stage's steps are the ones `--max_steps` sets.
     "progressive": (
-        Stage("1_layout16", 16, 1, 2000, time_range=(0.97, 0.97)),  # the layout, at one noise level
+        Stage("1_layout16", 16, 1, 1500, time_range=(0.97, 0.97), all_attributes=True),  # the layout
         Stage("2_all16", 16, 1, 500, time_power=3.0),  # every noise level, more of them high
         Stage("3_grow32", 32, 2, 500, time_power=3.0),  # 32/16 (Sec. 3.4)
         Stage("4_full64", 64, 3, 1000, time_power=3.0),  # 64/32/16: the full model
@@ -70,8 +76,11 @@ def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None)
         model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels)
         diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
         output_dir = str(Path(base.output_dir) / stage.name)
+        options = base.dataset_options
+        if stage.all_attributes and base.dataset == "shapes":
+            options = options | {"omit": False}
         configs.append(dataclasses.replace(base, model=model, diffusion=diffusion, max_steps=stage.steps,
-                                           output_dir=output_dir, init_from=previous))
+                                           output_dir=output_dir, init_from=previous, dataset_options=options))
         previous = str(Path(output_dir) / "checkpoint_latest")
     return configs
 

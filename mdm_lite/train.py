@@ -103,7 +103,7 @@ class TrainConfig:
 
     model: NestedUNetConfig = field(default_factory=lambda: NestedUNetConfig(
         image_size=64, num_levels=3, shell_channels=16, shell_num_res_blocks=1,
-        inner=UNetConfig(channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+        inner=UNetConfig(channels=48, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16, 8),
                          position_embedding=True)))
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     dataset: Annotated[str, NonEmpty] = "shapes"

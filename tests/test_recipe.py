@@ -38,6 +38,14 @@ def test_every_stage_of_the_progressive_recipe_grows_from_the_one_before():
         assert after.model == before.model or grown
 
 
+def test_the_layout_stage_trains_on_shapes_captions_that_name_every_attribute():
+    shapes = stage_configs(TrainConfig(output_dir="out", dataset_options={"seed": 3}), "progressive")
+    assert shapes[0].dataset_options == {"seed": 3, "omit": False}
+    assert all(c.dataset_options == {"seed": 3} for c in shapes[1:])
+    other = stage_configs(TrainConfig(output_dir="out", dataset="flickr30k"), "progressive")
+    assert all(c.dataset_options == {} for c in other)
+
+
 def test_a_recipe_trains_its_stages_in_turn_and_a_second_call_resumes_nothing(tiny_recipe, tmp_path):
     base = tiny_config(tmp_path / "run")
     result = run_recipe(base, tiny_recipe, progress=False)

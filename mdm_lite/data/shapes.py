@@ -267,13 +267,16 @@ def caption_for(attributes: dict, rng: random.Random | None = None, phrasing: st
     return _describe(attributes, rng, phrasing)[0]
 
 
-def _describe(attributes: dict, rng: random.Random | None, phrasing: str) -> tuple[str, tuple[str, ...]]:
-    """(caption, the attributes it states) of a scene."""
+def _describe(attributes: dict, rng: random.Random | None, phrasing: str,
+              omit: bool = True) -> tuple[str, tuple[str, ...]]:
+    """(caption, the attributes it states) of a scene; omit=False states all five."""
     if phrasing not in PHRASINGS:
         raise ValueError(f"unknown Shapes phrasing {phrasing!r}: use one of {', '.join(PHRASINGS)}")
     if "objects" in attributes:
         return _pair_caption(attributes, rng), ATTRIBUTE_NAMES
-    stated = _stated(rng)
+    stated = _stated(rng)  # drawn either way, so that `omit` changes no other word of the caption
+    if not omit:
+        stated = ATTRIBUTE_NAMES
     pick = (lambda options: options[0]) if rng is None else rng.choice
     heldout = phrasing == "heldout"
     sizes = _merged(SIZE_WORDS, HELDOUT_SIZE_WORDS) if heldout else SIZE_WORDS
@@ -353,15 +356,16 @@ def _pair_caption(attributes: dict, rng: random.Random | None) -> str:
 
 
 def make_scene(index: int, seed: int = 0, split: str = "train", difficulty: str = "single",
-               phrasing: str = "train") -> tuple[str, dict]:
+               phrasing: str = "train", omit: bool = True) -> tuple[str, dict]:
     """The (caption, attributes) of scene `index`: a pure function of its arguments.
 
     A one-object scene's attributes carry "stated", the attributes its caption names (a judge
-    scores only those). The phrasing changes the caption, not the scene.
+    scores only those). The phrasing changes the caption, not the scene; omit=False names every
+    attribute (the caption is otherwise the same words).
     """
     rng = random.Random(f"shapes/{seed}/{split}/{difficulty}/{index}")
     attributes = sample_attributes(rng, split, difficulty)
-    caption, stated = _describe(attributes, rng, phrasing)
+    caption, stated = _describe(attributes, rng, phrasing, omit)
     if "objects" not in attributes:
         attributes["stated"] = list(stated)
     return caption, attributes
@@ -382,6 +386,8 @@ class ShapesConfig:
     split: "train", or "heldout" for scenes made of held-out (shape, colour) pairs.
     difficulty: "single" (one object) or "relations" (half the scenes with two objects).
     phrasing: "train", or "heldout" for captions in phrasings that training never sees.
+    omit: whether a caption may leave attributes out (OMIT_PROBABILITY); False names all five, as
+        the layout stage of the progressive recipe does (`mdm_lite.recipe`).
     """
 
     length: int = 10_000
@@ -390,6 +396,7 @@ class ShapesConfig:
     split: str = "train"
     difficulty: str = "single"
     phrasing: str = "train"
+    omit: bool = True
 
     def __post_init__(self):
         if self.length < 1:
@@ -422,7 +429,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a ShapesDataset of length {len(self)}")
         c = self.config
-        return make_scene(index, c.seed, c.split, c.difficulty, c.phrasing)
+        return make_scene(index, c.seed, c.split, c.difficulty, c.phrasing, c.omit)
 
     def __getitem__(self, index: int) -> dict:
         caption, attributes = self.scene(index)
