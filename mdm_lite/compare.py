@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 from pathlib import Path
 
 import torch
@@ -32,9 +31,11 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
     """A single-level UNet at the same image size with about as many parameters as `nested`.
 
     It reaches the same innermost resolution with one channel multiplier per halving and keeps
-    the inner UNet's blocks and attention resolutions; only its width is searched, in steps of 2,
-    for the parameter count closest to the NestedUNet's among widths whose attention channels
-    split evenly into heads. The baseline of Gu et al. 2023, Sec. 5.
+    the inner UNet's blocks and attention resolutions. Its width is searched, in steps of 2, for the
+    widest whose attention channels split evenly into heads and whose count stays at or under the
+    NestedUNet's; then the width of its time embedding (`emb_dim`, one linear map per block reads
+    it) closes the rest of the gap, a few thousand parameters per unit. The baseline of Gu et al.
+    2023, Sec. 5.
     """
     with torch.device("meta"):
         target = sum(p.numel() for p in NestedUNet(nested).parameters())
@@ -42,15 +43,15 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
     halvings = nested.num_levels - 1 + len(inner.channel_mult) - 1
     mult = (1,) + tuple(min(2 ** k, 4) for k in range(1, halvings + 1))
 
-    def config(channels: int, head_dim: int = inner.head_dim) -> NestedUNetConfig:
+    def config(channels: int, head_dim: int = inner.head_dim, emb_dim: int | None = None) -> NestedUNetConfig:
         return NestedUNetConfig(image_size=nested.image_size, num_levels=1, inner=dataclasses.replace(
-            inner, channels=channels, channel_mult=mult, emb_dim=None, head_dim=head_dim))
+            inner, channels=channels, channel_mult=mult, emb_dim=emb_dim, head_dim=head_dim))
 
     @functools.cache
-    def size(channels: int) -> int:
+    def size(channels: int, emb_dim: int | None = None) -> int:
         # Heads own no parameters: count with one head, which any width allows, and without allocating.
         with torch.device("meta"):
-            return sum(p.numel() for p in NestedUNet(config(channels, channels * max(mult))).parameters())
+            return sum(p.numel() for p in NestedUNet(config(channels, channels * max(mult), emb_dim)).parameters())
 
     def splits_into_heads(channels: int) -> bool:
         """Whether each attention block's channels * mult features split into its features // head_dim heads."""
@@ -63,9 +64,14 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
     while high - low > 2:
         mid = (low + high) // 4 * 2
         low, high = (mid, high) if size(mid) < target else (low, mid)
-    below = next(c for c in range(low, 0, -2) if splits_into_heads(c))  # width 2 always has one head
-    above = next(c for c in itertools.count(high, 2) if splits_into_heads(c))
-    return config(min((below, above), key=lambda c: abs(size(c) - target)))
+    width = next(c for c in range(high if size(high) <= target else low, 0, -2) if splits_into_heads(c))
+    low, high = 4 * width, 8 * width  # emb_dim: 4 * width by default; bisect up to the target
+    while size(width, high) < target:
+        low, high = high, 2 * high
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if size(width, mid) < target else (low, mid)
+    return config(width, emb_dim=min((low, high), key=lambda e: abs(size(width, e) - target)))
 
 
 def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: int = 3, num_samples: int = 64,

@@ -127,13 +127,14 @@ def test_a_bad_dataset_option_is_one_line_naming_it(option, words, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("image_size", [48, 128])
+@pytest.mark.parametrize("image_size", [48, 256])
 def test_attention_resolutions_that_select_no_level_are_refused(image_size, tmp_path, capsys):
-    # The CPU preset's inner UNet attends at 8px: 48 or 128 with 3 levels put it at 12 or 32px.
-    status, line = _call(capsys, "train", "--image_size", image_size, "--num_levels", 3, "--output_dir",
-                         tmp_path / "out")
-    assert status == 2 and "attention_resolutions [8] select no level" in line, line
-    assert TrainConfig().model.inner.attention_resolutions == (8,)  # what a preset says keeps its meaning
+    # The CPU preset's inner UNet attends at 16 and 8px: 48 or 256 with 3 levels put its two levels
+    # at 12 and 6 or at 64 and 32px.
+    status, line = _call(capsys, "train", "--image_size", image_size, "--num_levels", 3, "--recipe", "none",
+                         "--output_dir", tmp_path / "out")
+    assert status == 2 and "attention_resolutions [16, 8] select no level" in line, line
+    assert TrainConfig().model.inner.attention_resolutions == (16, 8)  # what a preset says keeps its meaning
 
 
 def _blow_up_weights_at(step_number):

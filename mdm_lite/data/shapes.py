@@ -386,8 +386,8 @@ class ShapesConfig:
     split: "train", or "heldout" for scenes made of held-out (shape, colour) pairs.
     difficulty: "single" (one object) or "relations" (half the scenes with two objects).
     phrasing: "train", or "heldout" for captions in phrasings that training never sees.
-    omit: whether a caption may leave attributes out (OMIT_PROBABILITY); False names all five, as
-        the layout stage of the progressive recipe does (`mdm_lite.recipe`).
+    omit: whether a caption may leave attributes out (OMIT_PROBABILITY); False names all five (the
+    layout stage of the progressive recipe, `mdm_lite.recipe`).
     """
 
     length: int = 10_000
