@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..images import from_pil
 from .phrasing import with_article
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "diamond")
@@ -210,9 +211,7 @@ def render_scene(attributes: dict, image_size: int = 64) -> torch.Tensor:
         centre = np.array([(col + 0.5) * cell, (row + 0.5) * cell])
         points = centre + _OUTLINES[obj["shape"]] * SIZES[obj["size"]] * cell
         draw.polygon([tuple(p) for p in points.tolist()], fill=COLOURS[obj["colour"]])
-    image = image.resize((image_size, image_size), Image.BOX)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32))
-    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    return from_pil(image.resize((image_size, image_size), Image.BOX))
 
 
 def _positions_for(relation: str, rng: random.Random) -> tuple[str, str]:
