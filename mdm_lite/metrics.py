@@ -57,7 +57,8 @@ def prompt_accuracy(images: Tensor, attributes: Sequence[dict], judge: Judge | N
     Only the attributes a prompt states are scored (a scene's "stated" list; all five without one):
     "a red star" is right with any size, position and background.
     Returns {"n", "accuracy": fraction of images with every stated attribute right, "ci95": its
-    Wilson interval, "per_attribute": {attribute: fraction right among the prompts that state it},
+    Wilson interval, "layout", "layout_ci95": the same for background, colour and position alone
+    (what the default `mdm-lite train` run is measured by), "per_attribute": {attribute: fraction right among the prompts that state it},
     "per_attribute_n", "per_attribute_ci95", "predicted": the judge's reading, {attribute: N class names}}.
     """
     if len(images) != len(attributes):
@@ -71,9 +72,12 @@ def prompt_accuracy(images: Tensor, attributes: Sequence[dict], judge: Judge | N
                           dtype=torch.bool).reshape(len(attributes), len(ATTRIBUTES))
     n = len(images)
     all_right = int((right | ~stated).all(1).sum())
+    layout = [list(ATTRIBUTES).index(name) for name in ("background", "colour", "position")]
+    layout_right = int((right | ~stated)[:, layout].all(1).sum())
     per = {name: int((right[:, i] & stated[:, i]).sum()) for i, name in enumerate(ATTRIBUTES)}
     per_n = {name: int(stated[:, i].sum()) for i, name in enumerate(ATTRIBUTES)}
     return {"n": n, "accuracy": all_right / n if n else float("nan"), "ci95": wilson_interval(all_right, n),
+            "layout": layout_right / n if n else float("nan"), "layout_ci95": wilson_interval(layout_right, n),
             "per_attribute": {name: k / per_n[name] if per_n[name] else float("nan") for name, k in per.items()},
             "per_attribute_n": per_n,
             "per_attribute_ci95": {name: wilson_interval(k, per_n[name]) for name, k in per.items()},
@@ -144,12 +148,14 @@ def edge_ratio(images: Tensor) -> dict[str, float]:
 def evaluate_samples(images: Tensor, attributes: Sequence[dict], real_images: Tensor | None = None,
                      judge: Judge | None = None) -> dict:
     """One row of numbers for generated images (N, 3, 64, 64) in [-1, 1] and their prompts' attributes:
-    {"n", "prompt_accuracy", "prompt_accuracy_ci95", "<attribute>_accuracy" for each attribute, and
+    {"n", "prompt_accuracy", "prompt_accuracy_ci95", "layout_accuracy" (background, colour and position
+    all right), "layout_accuracy_ci95", "<attribute>_accuracy" for each attribute, and
     "judge_fd" (Fréchet distance to `real_images` in the judge's features) when real images are given}.
     """
     judge = judge or load_judge()
     scores = prompt_accuracy(images, attributes, judge)
-    row = {"n": scores["n"], "prompt_accuracy": scores["accuracy"], "prompt_accuracy_ci95": scores["ci95"]}
+    row = {"n": scores["n"], "prompt_accuracy": scores["accuracy"], "prompt_accuracy_ci95": scores["ci95"],
+           "layout_accuracy": scores["layout"], "layout_accuracy_ci95": scores["layout_ci95"]}
     row |= {f"{name}_accuracy": value for name, value in scores["per_attribute"].items()}
     row |= {f"{name}_n": value for name, value in scores["per_attribute_n"].items()}
     row["edge_ratio"] = edge_ratio(images)["max"]
@@ -224,8 +230,9 @@ def evaluate_checkpoint(checkpoint: str | Path, num_samples: int = 256, device: 
     sets = {}
     for name in prompt_sets:
         row = evaluate_pipeline(pipe, num_samples=num_samples, judge=judge, **PROMPT_SETS[name], **options)
-        low, high = row.pop("prompt_accuracy_ci95")
-        sets[name] = {**row, "prompt_accuracy_ci95_low": low, "prompt_accuracy_ci95_high": high}
+        for key in ("prompt_accuracy", "layout_accuracy"):
+            row[f"{key}_ci95_low"], row[f"{key}_ci95_high"] = row.pop(f"{key}_ci95")
+        sets[name] = row
     return {"checkpoint": str(ckpt.path), "step": ckpt.state.get("step"), "sets": sets}
 
 

@@ -115,6 +115,19 @@ def test_prompt_accuracy_scores_only_the_attributes_a_prompt_states(judge, real)
     assert scores["per_attribute_n"]["background"] == 0
 
 
+def test_layout_accuracy_scores_background_colour_and_position_only(judge, real):
+    images, attributes = real
+    scene = {k: v for k, v in attributes[0].items() if k != "stated"}
+    other_shape = next(s for s in ATTRIBUTES["shape"] if s != scene["shape"])
+    other_size = next(s for s in ATTRIBUTES["size"] if s != scene["size"])
+    scores = prompt_accuracy(images[:1], [{**scene, "shape": other_shape, "size": other_size}], judge)
+    assert scores["accuracy"] == 0.0 and scores["layout"] == 1.0
+    other_position = next(p for p in ATTRIBUTES["position"] if p != scene["position"])
+    assert prompt_accuracy(images[:1], [{**scene, "position": other_position}], judge)["layout"] == 0.0
+    unstated = {**scene, "position": other_position, "stated": ["shape", "colour", "size", "background"]}
+    assert prompt_accuracy(images[:1], [unstated], judge)["layout"] == 1.0
+
+
 def test_prompt_accuracy_rejects_two_object_scenes_and_mismatched_lengths(judge, real):
     images, attributes = real
     pair = ShapesDataset(length=40, difficulty="relations")
