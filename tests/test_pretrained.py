@@ -44,18 +44,19 @@ def test_a_checkpoint_from_before_the_downsample_option_loads_with_the_stride_2_
     from mdm_lite.unet import Downsample
 
     path = PRETRAINED["shapes"]
-    inner = json.loads((path / "config.json").read_text())["model"]["inner"]
-    pipe = MDMPipeline.from_pretrained("shapes", device="cpu")
-    layers = [m for m in pipe.model.modules() if isinstance(m, Downsample)]
-    if "downsample" in inner:  # a checkpoint saved with the option says which it uses
-        assert all(m.stride == (inner["downsample"] == "stride") for m in layers)
-    else:
-        assert layers and all(m.stride for m in layers) and pipe.model.config.inner.downsample == "stride"
-    config = json.loads((path / "config.json").read_text())  # a new config.json keeps its choice
-    config["model"]["inner"]["downsample"] = "pool"
-    copy = tmp_path / "ckpt"
-    copy.mkdir()
-    for f in path.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
-    (copy / "config.json").write_text(json.dumps(config))
-    assert load_checkpoint(copy).config["model"]["inner"]["downsample"] == "pool"
+    shipped = json.loads((path / "config.json").read_text())
+    for name, choice in (("old", None), ("stride", "stride"), ("pool", "pool")):
+        config = json.loads(json.dumps(shipped))
+        config["model"]["inner"].pop("downsample", None)  # config.json as written before the option
+        if choice:
+            config["model"]["inner"]["downsample"] = choice
+        copy = tmp_path / name
+        copy.mkdir()
+        for f in path.iterdir():
+            (copy / f.name).write_bytes(f.read_bytes())
+        (copy / "config.json").write_text(json.dumps(config))
+        expected = choice or "stride"
+        assert load_checkpoint(copy).config["model"]["inner"]["downsample"] == expected
+        pipe = MDMPipeline.from_pretrained(copy, device="cpu")
+        layers = [m for m in pipe.model.modules() if isinstance(m, Downsample)]
+        assert layers and all(m.stride == (expected == "stride") for m in layers), name
