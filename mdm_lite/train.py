@@ -353,7 +353,8 @@ def set_up(config: TrainConfig, resume: bool) -> Run:
         raise ConfigError(f"--resume: no checkpoint_latest in {output_dir}; drop --resume to start a new run")
 
     torch.manual_seed(config.seed)
-    model = grow_from(config.init_from, config.model) if config.init_from else NestedUNet(config.model)
+    # A resumed run loads its own weights below: it does not need init_from's checkpoint any more.
+    model = grow_from(config.init_from, config.model) if config.init_from and not resume else NestedUNet(config.model)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.99),

@@ -1,5 +1,7 @@
 """Recipes: stages trained in turn, each growing from the last, resumable; the precision choice."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from mdm_lite.checkpoint import load_checkpoint
 from mdm_lite.cli import main
 from mdm_lite.recipe import RECIPES, Stage, run_recipe, stage_configs
 from mdm_lite.device import choose_precision
-from mdm_lite.train import ConfigError, TrainConfig
+from mdm_lite.train import ConfigError, TrainConfig, train
 from tiny_run import snapshot, state_equal, tiny_config
 
 # The progressive recipe's shape at the tiny model's sizes: one level at 8x8 at a single noise
@@ -66,6 +68,16 @@ def test_a_recipe_stopped_in_its_last_stage_resumes_to_the_weights_of_an_unbroke
     straight = run_recipe(tiny_config(tmp_path / "a"), tiny_recipe, progress=False)
     run_recipe(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=1, progress=False)
     resumed = run_recipe(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=2, progress=False, resume=True)
+    assert state_equal(straight.model.state_dict(), resumed.model.state_dict())
+
+
+def test_a_grown_run_resumes_without_the_checkpoint_it_grew_from(tiny_recipe, tmp_path):
+    # the shipped model's last stage is committed alone (runs/shapes/4_full64), without stage 3
+    straight = run_recipe(tiny_config(tmp_path / "a"), tiny_recipe, progress=False)
+    run_recipe(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=1, progress=False)
+    shutil.rmtree(tmp_path / "b" / "2_all")
+    last = stage_configs(tiny_config(tmp_path / "b"), tiny_recipe, last_steps=2)[-1]
+    resumed = train(last, progress=False, resume=True)
     assert state_equal(straight.model.state_dict(), resumed.model.state_dict())
 
 
