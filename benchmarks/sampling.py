@@ -15,9 +15,10 @@ peak memory (max RSS) after the first run alone (sampling num_images images) and
 import argparse
 import resource
 import statistics
-import time
 
 import torch
+
+from timing import add_clock_options, set_up_clock
 
 from mdm_lite import DiffusionConfig, NestedUNet
 from mdm_lite.compare import flat_baseline
@@ -51,13 +52,9 @@ def main():
                         help="SAMPLER:STEPS; the first, in the first precision, is the reference")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--flat", action="store_true", help="also the flat UNet of the same size, in the first run")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock or this process's CPU time")
+    add_clock_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    torch.manual_seed(0)
+    clock = set_up_clock(args)
     nested_cfg = TrainConfig().model
     models = {"nested": NestedUNet(nested_cfg).eval()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.num_images} images, guidance 3, "

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from timing import add_clock_options, set_up_clock
+
 from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
 from mdm_lite.compare import flat_baseline
 from mdm_lite.train import PRESETS
@@ -110,13 +112,9 @@ def main():
     parser.add_argument("--flat", action="store_true", help="also the single-level UNet of the same size")
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
     parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock or this process's CPU time")
+    add_clock_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    torch.manual_seed(0)
+    clock = set_up_clock(args)
     nested_cfg = PRESETS[args.preset]().model
     text_dim = nested_cfg.inner.text_dim
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, preset {args.preset}, "
