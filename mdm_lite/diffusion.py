@@ -39,12 +39,9 @@ class DiffusionConfig:
         loss_weights: per level, outermost first; None weighs every level 1 (the paper's default).
         cond_drop_prob: probability of training a caption as the empty prompt, for classifier-free
             guidance (Ho & Salimans 2022). The MDM reference code has none; we add it.
-        time_power, time_range: the distribution of training times (the paper draws t uniformly
-            in [0, 1]: power 1, range (0, 1), the defaults). With u uniform in [0, 1),
-            t = low + (high - low) (1 - (1 - u)^time_power), (low, high) = time_range. A power p
-            above 1 spends more of training near t = 1, where the image is noise and only the
-            caption says where the object goes: P(t > 0.9) = 0.1^(1/p), 0.46 for p = 3. A range
-            with low = high trains at that one noise level. Sampling is unchanged.
+        time_power, time_range: the two parameters of the one distribution of training times,
+            `training_times` (the paper draws t uniformly in [0, 1]: power 1, range (0, 1), the
+            defaults). Sampling is unchanged.
     """
 
     prediction: Annotated[str, OneOf("v", "eps")] = "v"
@@ -59,6 +56,21 @@ class DiffusionConfig:
         if self.time_range[0] > self.time_range[1]:
             raise ConfigError(f"must be two times 0 <= low <= high <= 1 (e.g. 0.97 0.97 for one noise level), got "
                               f"{list(self.time_range)}", "time_range")
+
+    def training_times(self, u: Tensor) -> Tensor:
+        """Training times t from u uniform in [0, 1) (any shape)::
+
+            t = low + (high - low) (1 - (1 - u)^time_power),  (low, high) = time_range.
+
+        A power p above 1 spends more of training near t = 1, where the image is noise and only
+        the caption says where the object goes: P(t > 0.9) = 0.1^(1/p) for the full range, 0.46
+        for p = 3. low = high trains at that one noise level. The defaults return u itself, bit for bit.
+        """
+        t = u if self.time_power == 1.0 else 1 - (1 - u) ** self.time_power
+        if self.time_range != (0.0, 1.0):
+            low, high = self.time_range
+            t = low + (high - low) * t
+        return t
 
     def logsnr(self, t: Tensor, resolution: int) -> Tensor:
         """The shifted cosine log-SNR of a level of side `resolution` at time t (any shape)."""
@@ -93,12 +105,7 @@ def multires_loss(model: Callable, x0: Tensor, tokens: Tensor | None, mask: Tens
     """
     b = x0.shape[0]
     xs = image_pyramid(x0, num_levels)
-    t = torch.rand(b, generator=generator, device="cpu").to(x0.device)
-    if config.time_power != 1.0:  # skew towards high noise; 1 leaves t untouched, bit for bit
-        t = 1 - (1 - t) ** config.time_power
-    if config.time_range != (0.0, 1.0):
-        low, high = config.time_range
-        t = low + (high - low) * t
+    t = config.training_times(torch.rand(b, generator=generator, device="cpu")).to(x0.device)
     zs, targets = [], []
     for x in xs:
         logsnr = config.logsnr(t, x.shape[-1])
