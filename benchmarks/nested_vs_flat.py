@@ -1,38 +1,67 @@
-"""Nested against flat at equal wall-clock time and parameters, on Shapes (issue 7; book chapter 9).
+"""Nested against flat at equal training time and parameters, on Shapes (issue 18; book chapter 9).
 
-Trains the CPU preset's 3-level NestedUNet and `flat_baseline` of it for the same training time,
-evaluates both at several points (prompt accuracy with its 95% interval, judge Fréchet distance),
-prints the table, and writes it as JSON with a plot next to it.
+Trains the CPU preset's 3-level NestedUNet end to end, its flat baseline of equal parameters, and
+the NestedUNet grown progressively, each for --budget_s seconds of training with the project's
+recipe where it applies (`mdm_lite.compare.RACE`); evaluates every 64x64 model at --num_points
+points (prompt accuracy and layout accuracy with their 95% intervals, judge Fréchet distance, on
+training-style prompts and held-out phrasings); writes the rows as JSON after every point (the
+chapter reads it), the curves as a PNG beside it, and a grid of samples of each final model.
 
-    OMP_NUM_THREADS=2 python benchmarks/nested_vs_flat.py --budget_s 1800 --num_points 6 --num_samples 256
+    OMP_NUM_THREADS=1 python benchmarks/nested_vs_flat.py --budget_s 1800 --num_points 6 \\
+        --output book/results/nested_vs_flat.json --work_dir runs/race
+
+Models run one after another; --models runs some of them (two processes can run two at once,
+each with its own --output, and --merge joins their JSON files).
 """
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-from mdm_lite.compare import nested_vs_flat, plot_comparison
+from mdm_lite import MDMPipeline
+from mdm_lite.compare import RACE, nested_vs_flat, plot_comparison
+from mdm_lite.data import ShapesDataset
+from mdm_lite.plotting import save_grid
+
+GRID_PROMPTS = 8  # half training-style prompts, half held-out phrasings, the same for every model
+
+
+def grid_prompts() -> list[str]:
+    half = GRID_PROMPTS // 2
+    return ([ShapesDataset(length=half, seed=123).scene(i)[0] for i in range(half)]
+            + [ShapesDataset(length=half, seed=123, phrasing="heldout").scene(i)[0] for i in range(half)])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget_s", type=float, default=600, help="training seconds per model")
-    parser.add_argument("--num_points", type=int, default=3)
-    parser.add_argument("--num_samples", type=int, default=64)
+    parser.add_argument("--budget_s", type=float, default=1800, help="seconds of training per model")
+    parser.add_argument("--num_points", type=int, default=6, help="evaluations per model")
+    parser.add_argument("--num_samples", type=int, default=64, help="generated images per prompt set and point")
     parser.add_argument("--num_inference_steps", type=int, default=20)
-    parser.add_argument("--output", default="nested_vs_flat.json", help="the table as JSON; the plot goes beside it")
+    parser.add_argument("--models", nargs="+", default=list(RACE), choices=list(RACE))
+    parser.add_argument("--work_dir", default="runs/race", help="where the training runs go")
+    parser.add_argument("--output", default="nested_vs_flat.json", help="the rows as JSON; the plot goes beside it")
+    parser.add_argument("--merge", nargs="*", default=[], help="JSON files of earlier runs to put in front of this one's")
     args = parser.parse_args()
-    rows = nested_vs_flat(tempfile.mkdtemp(prefix="nested_vs_flat_"), budget_s=args.budget_s,
-                          num_points=args.num_points, num_samples=args.num_samples,
-                          num_inference_steps=args.num_inference_steps)
-    for r in rows:
-        lo, hi = r["prompt_accuracy_ci95"]
-        print(f"{r['model']:6s} {r['params'] / 1e6:5.2f}M  t={r['train_time_s']:6.0f}s  step {r['step']:5d}  "
-              f"prompt accuracy {r['prompt_accuracy']:.3f} [{lo:.3f}, {hi:.3f}]  judge FD {r['judge_fd']:8.1f}")
     output = Path(args.output)
-    output.write_text(json.dumps(rows, indent=2))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    earlier = [row for path in args.merge for row in json.loads(Path(path).read_text())]
+    rows = list(earlier)
+
+    def write(row):
+        rows.append(row)
+        output.write_text(json.dumps(rows, indent=1))
+
+    nested_vs_flat(args.work_dir, budget_s=args.budget_s, num_points=args.num_points, num_samples=args.num_samples,
+                   num_inference_steps=args.num_inference_steps, models=tuple(args.models), on_row=write)
     plot_comparison(rows).savefig(output.with_suffix(".png"))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    prompts = grid_prompts()
+    for name in args.models:
+        last = max(Path(args.work_dir, name).iterdir())  # the last stage's folder
+        pipe = MDMPipeline.from_pretrained(last, device="cpu")
+        images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=3.0,
+                      seed=0, output_type="pt").images
+        save_grid(images, output.with_name(f"samples_{name}.png"), nrow=GRID_PROMPTS)
+    print(f"wrote {output}, {output.with_suffix('.png')} and a sample grid per model beside them")
 
 
 if __name__ == "__main__":

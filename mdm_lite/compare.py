@@ -2,12 +2,14 @@
 (chapter 9 runs it; chapter 4 builds the flat baseline).
 
 Gu et al. 2023 (Sec. 5, Fig. 5) report that a NestedUNet trained with the multi-resolution loss
-reaches a given 64x64 quality sooner than a single-resolution UNet of the same size. Here both
-models train on Shapes for the same wall-clock budget with about the same number of parameters
-(`flat_baseline`), and are evaluated at several points during training by prompt accuracy and the
-Fréchet distance in the judge's features (`mdm_lite.metrics`).
+reaches a given 64x64 quality sooner than a single-resolution UNet of the same size. Here three
+models train on Shapes for the same training time, each with the project's recipe where it
+applies (`RACE`): the NestedUNet end to end, its flat baseline of equal parameters
+(`flat_baseline`), and the NestedUNet grown progressively (`recipe.RECIPES["progressive"]`). At
+several points each 64x64 model is evaluated by prompt accuracy and the Fréchet distance in the
+judge's features (`mdm_lite.metrics`), on training-style prompts and on held-out phrasings.
 
-    rows = nested_vs_flat(budget_s=600, num_points=3, output_dir="runs/compare")
+    rows = nested_vs_flat("runs/race", budget_s=1800, num_points=6)
     plot_comparison(rows)
 
 `benchmarks/nested_vs_flat.py` is the command line for it; chapter 9 of the book runs it.
@@ -16,14 +18,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from matplotlib.figure import Figure
 
 from .judge import load_judge
-from .metrics import evaluate_pipeline
+from .metrics import PROMPT_SETS, evaluate_pipeline
 from .nested import NestedUNet, NestedUNetConfig
+from .recipe import RECIPES, Stage, stage_config
 from .train import TrainConfig, train
 
 
@@ -74,55 +80,102 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
     return config(width, emb_dim=min((low, high), key=lambda e: abs(size(width, e) - target)))
 
 
-def nested_vs_flat(output_dir: str | Path, budget_s: float = 600.0, num_points: int = 3, num_samples: int = 64,
+# Each model of the race: its stages, each with its share of the training budget. The
+# progressive recipe's stages get about their shares of the wall-clock of `mdm-lite train`
+# (397 / 148 / 196 / 713 s there). The models trained end to end at 64x64 get the recipe where it
+# applies: the same share of layout training at t = 0.97 on captions that name every attribute,
+# then every noise level alike. "flat" is `flat_baseline` of the NestedUNet (one level).
+RACE: dict[str, tuple[tuple[Stage, float], ...]] = {
+    "nested": ((Stage("1_layout64", 64, 3, time_range=(0.97, 0.97), all_attributes=True), 0.25),
+               (Stage("2_all64", 64, 3), 0.75)),
+    "flat": ((Stage("1_layout64", 64, 1, time_range=(0.97, 0.97), all_attributes=True), 0.25),
+             (Stage("2_all64", 64, 1), 0.75)),
+    "progressive": tuple((dataclasses.replace(stage, steps=None), share)
+                         for stage, share in zip(RECIPES["progressive"], (0.25, 0.10, 0.15, 0.50))),
+}
+
+
+def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, num_points: int = 6, num_samples: int = 64,
                    num_inference_steps: int = 20, guidance_scale: float = 3.0, base: TrainConfig | None = None,
-                   models: tuple[str, ...] = ("nested", "flat")) -> list[dict]:
-    """Train each model for budget_s seconds of training time (sampling and saving excluded),
-    evaluating after every budget_s / num_points. base: the TrainConfig of the nested model (the
-    CPU preset by default); the flat one replaces its model with `flat_baseline(base.model)`.
-    Returns one row per (model, point): model, params, step, images_seen, train_time_s and the
-    numbers of `metrics.evaluate_pipeline` (prompt accuracy with its 95% interval, per attribute,
-    judge_fd).
+                   models: tuple[str, ...] = tuple(RACE), prompt_sets: tuple[str, ...] = ("train", "phrasing"),
+                   on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Train each of `models` (keys of RACE) for budget_s seconds of training time (sampling and
+    saving excluded), stage by stage, and evaluate its 64x64 model at every budget_s / num_points.
+
+    base: the TrainConfig of the nested model (the CPU preset by default); every stage is a run
+    in output_dir / model / stage, bounded by its share of the budget. An evaluation generates
+    num_samples images from the EMA weights for each of `prompt_sets` (keys of
+    `metrics.PROMPT_SETS`). Returns one row per (model, point) whose model is 64x64 (a progressive
+    model is smaller before its last stage): model, stage, params, step and images_seen (over all
+    its stages), train_time_s, wall_s (training, saving and evaluating so far), loss_64 and "sets":
+    {prompt set: `metrics.evaluate_pipeline`'s row}. on_row: called with each row as it is made.
     """
     base = base or TrainConfig()
     judge = load_judge()
-    configs = {"nested": base.model, "flat": flat_baseline(base.model)}
     rows = []
     for name in models:
-        for point in range(1, num_points + 1):  # the same run, resumed with a larger time budget
-            config = dataclasses.replace(base, model=configs[name], output_dir=str(Path(output_dir) / name),
-                                         max_steps=None, epochs=None, max_time_s=budget_s * point / num_points,
-                                         save_freq=10**9, keep_checkpoints=1, num_sample_steps=num_inference_steps)
-            result = train(config, progress=False, resume=point > 1)
-            last = result.history[-1]
-            row = evaluate_pipeline(result.pipeline(), num_samples=num_samples, num_inference_steps=num_inference_steps,
-                                    guidance_scale=guidance_scale, judge=judge)
-            rows.append({"model": name, "params": sum(p.numel() for p in result.model.parameters()),
-                         "step": last["step"], "images_seen": last["step"] * config.batch_size
-                         * config.num_gradient_accumulations, "train_time_s": last["train_time_s"],
-                         "loss_64": last[f"loss_{config.model.image_size}"], **row})
+        model = flat_baseline(base.model) if name == "flat" else base.model
+        run_base = dataclasses.replace(base, model=model, output_dir=str(Path(output_dir) / name), max_steps=None,
+                                       epochs=None, max_time_s=budget_s, keep_checkpoints=1, num_sample_steps=num_inference_steps)
+        points = [budget_s * k / num_points for k in range(1, num_points + 1)]
+        spent_s, steps, images, previous, started = 0.0, 0, 0, None, time.perf_counter()
+        for number, (stage, share) in enumerate(RACE[name], 1):
+            config = stage_config(run_base, stage, previous)
+            end_s = budget_s if number == len(RACE[name]) else spent_s + share * budget_s
+            stops = sorted({p for p in points if spent_s < p < end_s} | {end_s})
+            for resume, stop in enumerate(stops):
+                result = train(dataclasses.replace(config, max_time_s=max(stop - spent_s, 1e-3)), progress=False,
+                               resume=resume > 0)
+                last = result.history[-1]
+                if stop in points and stage.image_size == base.model.image_size:
+                    row = {"model": name, "stage": stage.name, "params": sum(p.numel() for p in result.model.parameters()),
+                           "step": steps + last["step"],
+                           "images_seen": images + last["step"] * config.batch_size * config.num_gradient_accumulations,
+                           "train_time_s": spent_s + last["train_time_s"], "loss_64": last[f"loss_{stage.image_size}"],
+                           "sets": {s: evaluate_pipeline(result.pipeline(), num_samples=num_samples,
+                                                         num_inference_steps=num_inference_steps,
+                                                         guidance_scale=guidance_scale, judge=judge, **PROMPT_SETS[s])
+                                    for s in prompt_sets}}
+                    row["wall_s"] = time.perf_counter() - started
+                    rows.append(row)
+                    print(_summary(row), file=sys.stderr)
+                    if on_row:
+                        on_row(row)
+            steps += last["step"]
+            images += last["step"] * config.batch_size * config.num_gradient_accumulations
+            spent_s += last["train_time_s"]
+            previous = str(Path(config.output_dir) / "checkpoint_latest")
     return rows
 
 
-def plot_comparison(rows: list[dict], axes=None):
-    """Prompt accuracy (with its 95% interval) and judge Fréchet distance against training time,
-    one line per model. Returns the matplotlib Figure (new unless `axes`, a pair, is given)."""
-    if axes is None:
-        fig = Figure(figsize=(10, 3.6), dpi=100)
-        axes = fig.subplots(1, 2)
-    fig = axes[0].figure
+def _summary(row: dict) -> str:
+    sets = "  ".join(f"{s}: prompt {r['prompt_accuracy']:.3f} layout {r['layout_accuracy']:.3f} FD {r['judge_fd']:.0f}"
+                     for s, r in row["sets"].items())
+    return f"{row['model']:11s} {row['train_time_s']:6.0f} s  {row['images_seen']:6d} images  {sets}"
+
+
+def plot_comparison(rows: list[dict], prompt_set: str = "train"):
+    """Prompt accuracy and layout accuracy (each with its 95% interval) and judge Fréchet distance
+    on `prompt_set`, against training time (left) and images seen (right), one line per model.
+    Returns a matplotlib Figure."""
+    fig = Figure(figsize=(10, 9), dpi=100)
+    axes = fig.subplots(3, 2)
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
-        t = [r["train_time_s"] / 60 for r in mine]
-        acc = [r["prompt_accuracy"] for r in mine]
-        low = [a - r["prompt_accuracy_ci95"][0] for a, r in zip(acc, mine)]
-        high = [r["prompt_accuracy_ci95"][1] - a for a, r in zip(acc, mine)]
+        scores = [r["sets"][prompt_set] for r in mine]
         label = f"{name} ({mine[0]['params'] / 1e6:.2f}M)"
-        axes[0].errorbar(t, acc, yerr=[low, high], marker="o", capsize=3, label=label)
-        axes[1].plot(t, [r["judge_fd"] for r in mine], marker="o", label=label)
-    axes[0].set(xlabel="training time (min)", ylabel="prompt accuracy (all attributes)", ylim=(0, 1))
-    axes[1].set(xlabel="training time (min)", ylabel="Fréchet distance (judge features)", yscale="log")
-    for ax in axes:
-        ax.legend()
+        for col, x in enumerate(([r["train_time_s"] / 60 for r in mine], [r["images_seen"] / 1000 for r in mine])):
+            for row, key in enumerate(("prompt_accuracy", "layout_accuracy")):
+                value = [s[key] for s in scores]
+                error = [[v - s[f"{key}_ci95"][0] for v, s in zip(value, scores)],
+                         [s[f"{key}_ci95"][1] - v for v, s in zip(value, scores)]]
+                axes[row, col].errorbar(x, value, yerr=error, marker="o", capsize=3, label=label)
+            axes[2, col].plot(x, [s["judge_fd"] for s in scores], marker="o", label=label)
+    for col, xlabel in enumerate(("training time (min)", "images seen (thousands)")):
+        axes[0, col].set(ylabel="prompt accuracy", ylim=(0, 1))
+        axes[1, col].set(ylabel="layout accuracy\n(background, colour, position)", ylim=(0, 1))
+        axes[2, col].set(ylabel="Fréchet distance\n(judge features)", yscale="log", xlabel=xlabel)
+    axes[0, 0].legend()
+    fig.suptitle(f"{prompt_set}-style prompts, {scores[0]['n']} per point, 95% intervals")
     fig.tight_layout()
     return fig

@@ -41,7 +41,8 @@ class Stage:
     """One training run of a recipe.
 
     name: its folder under output_dir; image_size, num_levels: the model it trains (its inner
-    levels are the previous stage's model, or the same model); steps: optimizer steps;
+    levels are the previous stage's model, or the same model); steps: optimizer steps (None: the
+    stage stops at another limit of its TrainConfig, as in the time-bounded race of `compare`);
     time_range, time_power: the training times (see DiffusionConfig); all_attributes: Shapes captions
     name every attribute (`ShapesConfig.omit` False; other datasets are unchanged).
     """
@@ -49,7 +50,7 @@ class Stage:
     name: str
     image_size: int
     num_levels: int
-    steps: int
+    steps: int | None = None
     time_range: tuple[float, float] = (0.0, 1.0)
     time_power: float = 1.0
     all_attributes: bool = False
@@ -66,10 +67,22 @@ RECIPES: dict[str, tuple[Stage, ...]] = {
 }
 
 
+def stage_config(base: TrainConfig, stage: Stage, init_from: str | None = None) -> TrainConfig:
+    """The TrainConfig of one stage: `base` with the stage's model size, training times, steps and
+    folder (base.output_dir / stage.name), grown from init_from (a checkpoint, or None)."""
+    model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels)
+    diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
+    options = base.dataset_options
+    if stage.all_attributes and base.dataset == "shapes":
+        options = options | {"omit": False}
+    return dataclasses.replace(base, model=model, diffusion=diffusion, max_steps=stage.steps,
+                               output_dir=str(Path(base.output_dir) / stage.name), init_from=init_from,
+                               dataset_options=options)
+
+
 def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None) -> list[TrainConfig]:
-    """The TrainConfig of every stage of `recipe`: `base` with each stage's model size, training
-    times, steps and folder (base.output_dir / stage.name), each stage growing from the last.
-    last_steps: steps of the last stage (default: the recipe's)."""
+    """The TrainConfig of every stage of `recipe` (`stage_config`), each stage growing from the
+    last. last_steps: steps of the last stage (default: the recipe's)."""
     if recipe not in RECIPES:
         raise ConfigError(f"unknown recipe {recipe!r}: use one of {', '.join(RECIPES)}")
     stages = list(RECIPES[recipe])
@@ -77,15 +90,8 @@ def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None)
         stages[-1] = dataclasses.replace(stages[-1], steps=last_steps)
     configs, previous = [], None
     for stage in stages:
-        model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels)
-        diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
-        output_dir = str(Path(base.output_dir) / stage.name)
-        options = base.dataset_options
-        if stage.all_attributes and base.dataset == "shapes":
-            options = options | {"omit": False}
-        configs.append(dataclasses.replace(base, model=model, diffusion=diffusion, max_steps=stage.steps,
-                                           output_dir=output_dir, init_from=previous, dataset_options=options))
-        previous = str(Path(output_dir) / "checkpoint_latest")
+        configs.append(stage_config(base, stage, previous))
+        previous = str(Path(configs[-1].output_dir) / "checkpoint_latest")
     return configs
 
 
