@@ -2,12 +2,12 @@
 
 Trains the CPU preset's 3-level NestedUNet end to end, its flat baseline of equal parameters, and
 the NestedUNet grown progressively, each for --budget_s seconds of training with the project's
-recipe where it applies (`mdm_lite.compare.RACE`); evaluates every 64x64 model at --num_points
-points (prompt accuracy and layout accuracy with their 95% intervals, judge Fréchet distance, on
+recipe where it applies (`mdm_lite.compare.RACE`); evaluates every 64x64 model at --points
+(prompt accuracy and layout accuracy with their 95% intervals, judge Fréchet distance, on
 training-style prompts and held-out phrasings); writes the rows as JSON after every point (the
 chapter reads it), the curves as a PNG beside it, and a grid of samples of each final model.
 
-    OMP_NUM_THREADS=1 python benchmarks/nested_vs_flat.py --budget_s 1800 --num_points 6 \\
+    OMP_NUM_THREADS=1 python benchmarks/nested_vs_flat.py --budget_s 1800 \\
         --output book/results/nested_vs_flat.json --work_dir runs/race
 
 Models run one after another; --models runs some of them (two processes can run two at once,
@@ -34,7 +34,8 @@ def grid_prompts() -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget_s", type=float, default=1800, help="seconds of training per model")
-    parser.add_argument("--num_points", type=int, default=6, help="evaluations per model")
+    parser.add_argument("--points", type=float, nargs="+", default=[150, 300, 600, 900, 1200, 1500, 1800],
+                        help="seconds of training at which each model is evaluated; training stops at the last")
     parser.add_argument("--num_samples", type=int, default=64, help="generated images per prompt set and point")
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--models", nargs="+", default=list(RACE), choices=list(RACE))
@@ -51,7 +52,7 @@ def main():
         rows.append(row)
         output.write_text(json.dumps(rows, indent=1))
 
-    nested_vs_flat(args.work_dir, budget_s=args.budget_s, num_points=args.num_points, num_samples=args.num_samples,
+    nested_vs_flat(args.work_dir, budget_s=args.budget_s, points_s=args.points, num_samples=args.num_samples,
                    num_inference_steps=args.num_inference_steps, models=tuple(args.models), on_row=write)
     plot_comparison(rows).savefig(output.with_suffix(".png"))
     prompts = grid_prompts()
