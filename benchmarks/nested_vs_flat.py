@@ -18,17 +18,8 @@ import json
 from pathlib import Path
 
 from mdm_lite import MDMPipeline
-from mdm_lite.compare import RACE, nested_vs_flat, plot_comparison
-from mdm_lite.data import ShapesDataset
+from mdm_lite.compare import RACE, nested_vs_flat, plot_comparison, race_prompts
 from mdm_lite.plotting import save_grid
-
-GRID_PROMPTS = 8  # half training-style prompts, half held-out phrasings, the same for every model
-
-
-def grid_prompts() -> list[str]:
-    half = GRID_PROMPTS // 2
-    return ([ShapesDataset(length=half, seed=123).scene(i)[0] for i in range(half)]
-            + [ShapesDataset(length=half, seed=123, phrasing="heldout").scene(i)[0] for i in range(half)])
 
 
 def main():
@@ -55,13 +46,13 @@ def main():
     nested_vs_flat(args.work_dir, budget_s=args.budget_s, points_s=args.points, num_samples=args.num_samples,
                    num_inference_steps=args.num_inference_steps, models=tuple(args.models), on_row=write)
     plot_comparison(rows).savefig(output.with_suffix(".png"))
-    prompts = grid_prompts()
+    prompts = race_prompts()
     for name in args.models:
         last = max(Path(args.work_dir, name).iterdir())  # the last stage's folder
         pipe = MDMPipeline.from_pretrained(last, device="cpu")
         images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=3.0,
                       seed=0, output_type="pt").images
-        save_grid(images, output.with_name(f"samples_{name}.png"), nrow=GRID_PROMPTS)
+        save_grid(images, output.with_name(f"samples_{name}.png"), nrow=len(prompts))
     print(f"wrote {output}, {output.with_suffix('.png')} and a sample grid per model beside them")
 
 

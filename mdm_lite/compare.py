@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import torch
 from matplotlib.figure import Figure
 
+from .data import ShapesDataset
 from .judge import load_judge
 from .metrics import PROMPT_SETS, evaluate_pipeline
 from .nested import NestedUNet, NestedUNetConfig
@@ -152,6 +153,14 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
             spent_s += last["train_time_s"]
             previous = str(Path(config.output_dir) / "checkpoint_latest")
     return rows
+
+
+def race_prompts(n: int = 8) -> list[str]:
+    """The prompts of the race's sample grids, the same for every model: n // 2 training-style
+    captions, then n - n // 2 in held-out phrasings (Shapes scenes of seed 123)."""
+    half = n // 2
+    return ([ShapesDataset(length=half, seed=123).scene(i)[0] for i in range(half)]
+            + [ShapesDataset(length=n - half, seed=123, phrasing="heldout").scene(i)[0] for i in range(n - half)])
 
 
 def _summary(row: dict) -> str:
