@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from matplotlib.figure import Figure
+import matplotlib.pyplot as plt
 
 from .data import ShapesDataset
 from .judge import load_judge
@@ -172,9 +172,8 @@ def _summary(row: dict) -> str:
 def plot_comparison(rows: list[dict], prompt_set: str = "train"):
     """Prompt accuracy and layout accuracy (each with its 95% interval) and judge Fréchet distance
     on `prompt_set`, against training time (left) and images seen (right), one line per model.
-    Returns a matplotlib Figure."""
-    fig = Figure(figsize=(10, 9), dpi=100)
-    axes = fig.subplots(3, 2)
+    Returns the Figure; it is a pyplot figure, so a notebook shows it (`plt.show()`)."""
+    fig, axes = plt.subplots(3, 2, figsize=(10, 9), dpi=100)
     for name in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == name]
         scores = [r["sets"][prompt_set] for r in mine]
@@ -191,6 +190,8 @@ def plot_comparison(rows: list[dict], prompt_set: str = "train"):
         axes[1, col].set(ylabel="layout accuracy\n(background, colour, position)", ylim=(0, 1))
         axes[2, col].set(ylabel="Fréchet distance\n(judge features)", yscale="log", xlabel=xlabel)
     axes[0, 0].legend()
-    fig.suptitle(f"{prompt_set}-style prompts, {scores[0]['n']} per point, 95% intervals")
+    described = {"train": "training-style prompts", "phrasing": "prompts in held-out phrasings",
+                 "pairs": "held-out shape-colour pairs"}.get(prompt_set, prompt_set)
+    fig.suptitle(f"{described}, {scores[0]['n']} per model and point, 95% intervals")
     fig.tight_layout()
     return fig
