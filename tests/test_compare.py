@@ -21,7 +21,7 @@ def test_the_flat_baseline_is_one_level_with_about_as_many_parameters(nested):
 
 def test_the_race_trains_every_model_stage_by_stage_for_its_budget_and_scores_only_64x64_models(tmp_path):
     budget = 6.0
-    rows = nested_vs_flat(tmp_path, budget_s=budget, num_points=2, num_samples=2, num_inference_steps=2,
+    rows = nested_vs_flat(tmp_path, budget_s=budget, points_s=(budget / 2, budget), num_samples=2, num_inference_steps=2,
                           prompt_sets=("train",))
     assert list(dict.fromkeys(r["model"] for r in rows)) == list(RACE)
     for name, stages in RACE.items():
