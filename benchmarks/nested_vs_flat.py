@@ -48,8 +48,7 @@ def main():
     plot_comparison(rows).savefig(output.with_suffix(".png"))
     prompts = race_prompts()
     for name in args.models:
-        last = max(Path(args.work_dir, name).iterdir())  # the last stage's folder
-        pipe = MDMPipeline.from_pretrained(last, device="cpu")
+        pipe = MDMPipeline.from_pretrained(Path(args.work_dir, name, RACE[name][-1][0].name), device="cpu")
         images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=3.0,
                       seed=0, output_type="pt").images
         save_grid(images, output.with_name(f"samples_{name}.png"), nrow=len(prompts))

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-import torch
 import matplotlib.pyplot as plt
+import torch
 
 from .data import ShapesDataset
 from .judge import load_judge
@@ -103,8 +103,9 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
                    on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Train each of `models` (keys of RACE) stage by stage, each stage for its share of budget_s
     seconds of training time (sampling and saving excluded), and evaluate its 64x64 model at
-    points_s, seconds of training (default: every budget_s / 6). Training stops at the last point,
-    so points_s=(150,) runs the first 150 s of the budget_s schedule.
+    points_s, seconds of training (default: every budget_s / 6); a point that a step or a smaller
+    model's stage overshoots is scored at the next stop of a 64x64 model. Training stops at the
+    last point, so points_s=(150,) runs the first 150 s of the budget_s schedule.
 
     base: the TrainConfig of the nested model (the CPU preset by default); every stage is a run
     in output_dir / model / stage. An evaluation generates num_samples images from the EMA weights
@@ -124,22 +125,26 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
                                        epochs=None, max_time_s=budget_s, keep_checkpoints=1,
                                        num_sample_steps=num_inference_steps)
         spent_s, steps, images, previous, started = 0.0, 0, 0, None, time.perf_counter()
+        pending = list(points)  # a step can overshoot a point: it is then scored at the next 64x64 stop
         for number, (stage, share) in enumerate(RACE[name], 1):
-            if spent_s >= points[-1]:
+            if not pending:
                 break
             config = stage_config(run_base, stage, previous)
+            images_per_step = config.batch_size * config.num_gradient_accumulations
             end_s = budget_s if number == len(RACE[name]) else spent_s + share * budget_s
-            stops = sorted({p for p in points if spent_s < p < end_s} | {min(end_s, points[-1])})
+            stops = sorted({p for p in pending if spent_s < p < end_s} | {min(end_s, pending[-1])})
             for resume, stop in enumerate(stops):
                 result = train(dataclasses.replace(config, max_time_s=max(stop - spent_s, 1e-3)), progress=False,
                                resume=resume > 0)
                 last = result.history[-1]
-                if stop in points and stage.image_size == base.model.image_size:
+                reached_s = spent_s + last["train_time_s"]
+                if any(p <= reached_s for p in pending) and stage.image_size == base.model.image_size:
+                    pending = [p for p in pending if p > reached_s]
+                    pipe = result.pipeline()
                     row = {"model": name, "stage": stage.name, "params": sum(p.numel() for p in result.model.parameters()),
-                           "step": steps + last["step"],
-                           "images_seen": images + last["step"] * config.batch_size * config.num_gradient_accumulations,
-                           "train_time_s": spent_s + last["train_time_s"], "loss_64": last[f"loss_{stage.image_size}"],
-                           "sets": {s: evaluate_pipeline(result.pipeline(), num_samples=num_samples,
+                           "step": steps + last["step"], "images_seen": images + last["step"] * images_per_step,
+                           "train_time_s": reached_s, "loss_64": last[f"loss_{stage.image_size}"],
+                           "sets": {s: evaluate_pipeline(pipe, num_samples=num_samples,
                                                          num_inference_steps=num_inference_steps,
                                                          guidance_scale=guidance_scale, judge=judge, **PROMPT_SETS[s])
                                     for s in prompt_sets}}
@@ -149,7 +154,7 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
                     if on_row:
                         on_row(row)
             steps += last["step"]
-            images += last["step"] * config.batch_size * config.num_gradient_accumulations
+            images += last["step"] * images_per_step
             spent_s += last["train_time_s"]
             previous = str(Path(config.output_dir) / "checkpoint_latest")
     return rows
