@@ -43,7 +43,7 @@ from .train import PRESETS, TrainConfig, TrainingDiverged, TrainingInterrupted, 
 # Options of TrainConfig that the command line sets directly, with their types.
 TRAIN_OPTIONS = {
     "batch_size": int, "epochs": int, "max_steps": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-    "gradient_clip_norm": float, "num_gradient_accumulations": int, "ema_decay": float, "precision": str,
+    "lr_decay_steps": int, "gradient_clip_norm": float, "num_gradient_accumulations": int, "ema_decay": float, "precision": str,
     "log_freq": int, "save_freq": int, "num_sample_steps": int, "guidance_scale": float, "output_dir": str,
     "device": str, "seed": int, "max_time_s": float, "num_workers": int, "init_from": str, "dataset": str, "max_samples": int,
     "text_encoder": str, "keep_checkpoints": int,
@@ -98,6 +98,8 @@ def build_train_config(args: argparse.Namespace):
         given["dataset_options"] = {**config.dataset_options, **_options(args.dataset_option)}
     if args.sample_prompts:
         given["sample_prompts"] = args.sample_prompts
+    if args.compile:
+        given["compile"] = True
     return dataclasses.replace(config, **given)
 
 
@@ -273,6 +275,8 @@ def parser() -> argparse.ArgumentParser:
                    help="passed to the dataset loader: path=..., image_column=..., caption_column=..., hub_name=...")
     t.add_argument("--sample_prompts", nargs="+", help="prompts of the sample grid written at each save")
     t.add_argument("--no_progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the network: a minute or more of compiling, then faster steps")
     for name, kind in TRAIN_OPTIONS.items():
         t.add_argument(f"--{name}", type=kind, help=f"TrainConfig.{name} (cpu preset: {getattr(defaults, name)})")
     t.set_defaults(run=_train)

@@ -153,9 +153,11 @@ class TextEncoder:
         # Boolean indexing copies: the cache keeps each caption's rows alive, not the whole batch.
         return [hidden[i][real[i]] for i in range(len(captions))]
 
-    def encode(self, captions: list[str] | str) -> TextEmbedding:
+    def encode(self, captions: list[str] | str, pad_to: int | None = None) -> TextEmbedding:
         """Embed B captions (a single str counts as B = 1); only captions not in the cache
-        go through the model. Returns tensors on this encoder's device.
+        go through the model. Returns tensors on this encoder's device, padded to the longest
+        caption, or to pad_to tokens when that is longer (one shape for every batch, which a
+        compiled model needs so as not to compile again).
         """
         if isinstance(captions, str):
             captions = [captions]
@@ -173,7 +175,7 @@ class TextEncoder:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         parts = [found[c] for c in captions]
-        length = max(part.shape[0] for part in parts)
+        length = max([part.shape[0] for part in parts] + [pad_to or 0])
         tokens = parts[0].new_zeros(len(parts), length, self.dim)
         mask = torch.zeros(len(parts), length, dtype=torch.bool, device=self.device)
         for i, part in enumerate(parts):

@@ -84,11 +84,15 @@ class TrainConfig:
         max_time_s: seconds of training, summed over resumes, sampling and saving excluded
             (None: no time limit).
         lr, weight_decay: AdamW's (betas 0.9, 0.99); lr is reached linearly over warmup_steps.
+        lr_decay_steps: the last steps before max_steps, over which lr falls linearly to 0 (a
+            cool-down; 0: lr stays constant to the end). Needs max_steps.
         gradient_clip_norm: the largest global gradient norm (0: no clipping).
         num_gradient_accumulations: micro-batches per optimizer step.
         ema_decay: of the moving average of the weights that sampling uses (`update_ema`).
         precision: "fp32", "bf16" (the network under autocast) or "auto": bf16 where the hardware
             computes it natively (`device.choose_precision`).
+        compile: run the network through `torch.compile` (a minute or more of compiling at the
+            first step, then faster steps; see benchmarks/train_step.py --compile).
         log_freq, save_freq: steps between metrics.jsonl records; between checkpoints and sample grids.
         sample_prompts: prompts of the grids (None: the first 8 training captions);
             num_sample_steps, guidance_scale: how they are sampled.
@@ -117,10 +121,12 @@ class TrainConfig:
     lr: Annotated[float, Positive] = 2e-3
     weight_decay: Annotated[float, NonNegative] = 0.0
     warmup_steps: Annotated[int, NonNegative] = 50
+    lr_decay_steps: Annotated[int, NonNegative] = 0
     gradient_clip_norm: Annotated[float, Range(0, hint="0: no clipping")] = 1.0
     num_gradient_accumulations: Annotated[int, Positive] = 1
     ema_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.999
     precision: Annotated[str, OneOf(*PRECISIONS)] = "auto"
+    compile: bool = False
     log_freq: Annotated[int, Positive] = 10
     save_freq: Annotated[int, Positive] = 500
     sample_prompts: list[str] | None = None
@@ -138,6 +144,9 @@ class TrainConfig:
         if self.epochs is None and self.max_steps is None and self.max_time_s is None:
             raise ConfigError("is unset, as are max_steps and max_time_s: training would never stop; set one of them",
                               "epochs")
+        if self.lr_decay_steps and self.max_steps is None:
+            raise ConfigError("needs max_steps, since the lr falls to 0 at max_steps: set --max_steps or "
+                              "--lr_decay_steps 0", "lr_decay_steps")
         weights = self.diffusion.loss_weights
         if weights is not None and len(weights) != self.model.num_levels:
             raise ConfigError(f"has {len(weights)} entries for a {self.model.num_levels}-level model: give one weight "
@@ -224,8 +233,15 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up to `lr` over warmup_steps, then constant (a function of the step only)."""
-    return config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+    """Linear warm-up to `lr` over warmup_steps, then constant, then a linear fall to 0 over the
+    last lr_decay_steps before max_steps (a function of the step only, so resuming is exact).
+
+    The fall is the cool-down of a warm-up/stable/decay schedule (Hägele et al. 2024): most of the
+    gain of a decaying schedule, without fixing the length of the run at its start."""
+    factor = min(1.0, (step + 1) / max(1, config.warmup_steps))
+    if config.lr_decay_steps:
+        factor = min(factor, (config.max_steps - step) / config.lr_decay_steps)
+    return config.lr * max(0.0, factor)
 
 
 @torch.no_grad()
@@ -376,6 +392,8 @@ def set_up(config: TrainConfig, resume: bool) -> Run:
                           f"({config.batch_size * accum * world}); lower --batch_size or use more data")
     limits = [n for n in (config.max_steps, config.epochs and config.epochs * steps_per_epoch) if n is not None]
     net = DistributedDataParallel(model) if world > 1 else model
+    if config.compile:
+        net = torch.compile(net)  # compiled at the first step; model and ema stay the eager modules
     bf16, why = choose_precision(config.precision, device)
     if rank == 0:
         lock_run(output_dir)
@@ -386,7 +404,8 @@ def set_up(config: TrainConfig, resume: bool) -> Run:
         output_dir.mkdir(parents=True, exist_ok=True)
         print(f"mdm-lite train: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"levels {config.model.resolutions}, {config.dataset} ({len(dataset)} samples), device {device}"
-              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'} ({why}), {_budget(run)}",
+              f"{' x' + str(world) if world > 1 else ''}, {'bf16' if bf16 else 'fp32'} ({why}), "
+              f"{'torch.compile (the first step compiles), ' if config.compile else ''}{_budget(run)}",
               file=sys.stderr)
         if run.finished:
             print(f"mdm-lite train: {output_dir} is already at step {run.step} of {run.total_steps}, nothing to "
@@ -441,7 +460,8 @@ def train_step(run: Run, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.T
         batch = next(batches)
         x0 = batch["image"].to(run.device, non_blocking=True)
         # Caption dropout: train some captions as the empty prompt, for classifier-free guidance.
-        text = run.encoder(drop_captions(batch["caption"], config.diffusion.cond_drop_prob, generator))
+        text = run.encoder(drop_captions(batch["caption"], config.diffusion.cond_drop_prob, generator),
+                           pad_to=run.encoder.max_length if config.compile else None)
         sync = micro == accum - 1 or run.world == 1  # DDP averages gradients on the last micro-batch only
         with run.net.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):

@@ -14,6 +14,7 @@ import torch
 
 from mdm_lite import MDMPipeline
 from mdm_lite.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+from mdm_lite.config_check import ConfigError
 from mdm_lite.train import TrainingDiverged, grow_from, train
 from tiny_run import INNER, snapshot, state_equal, tiny_config, trained_run, write_tiny_json
 
@@ -44,6 +45,28 @@ def test_resuming_n_steps_for_n_more_gives_bitwise_the_weights_of_2n_steps(run, 
     records = _metrics(output_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # each step logged once
     assert [r["loss"] for r in records] == [r["loss"] for r in run.history]
+
+
+def test_the_lr_warms_up_stays_then_cools_down_to_zero_at_max_steps_and_resumes_exactly(tmp_path):
+    config = tiny_config(tmp_path / "whole", max_steps=8, lr_decay_steps=4)
+    lrs = [train_module.learning_rate(config, step) for step in range(8)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    whole = train(config, progress=False)
+    assert [r["lr"] for r in _metrics(tmp_path / "whole")] == pytest.approx(lrs)
+    split = tmp_path / "split"  # stopped before the cool-down, resumed through it
+    train(tiny_config(split, max_steps=4), progress=False)
+    resumed = train(tiny_config(split, max_steps=8, lr_decay_steps=4), progress=False, resume=True)
+    assert state_equal(resumed.model.state_dict(), whole.model.state_dict())
+    with pytest.raises(ConfigError, match="lr_decay_steps.*needs max_steps"):
+        tiny_config(tmp_path, max_steps=None, lr_decay_steps=4)
+
+
+def test_a_compiled_run_trains_as_the_eager_one_and_saves_weights_an_eager_model_loads(run, tmp_path):
+    compiled = train(tiny_config(tmp_path / "compiled", compile=True), progress=False)
+    losses = [r["loss"] for r in _metrics(tmp_path / "compiled")]
+    assert losses == pytest.approx([r["loss"] for r in run.history], rel=1e-3)
+    reloaded = MDMPipeline.from_pretrained(str(tmp_path / "compiled")).model  # the checkpoint's own keys
+    assert state_equal(reloaded.state_dict(), compiled.ema.state_dict())
 
 
 def test_each_sample_grid_has_its_prompts_beside_it_one_line_per_image(run):
