@@ -125,12 +125,12 @@ def main():
     for run in runs.values():  # warm-up: allocator, oneDNN kernels
         run()
     print(f"peak memory training the NestedUNet at batch {args.batch_size} (max RSS): {peak_rss_mib():.0f} MiB")
-    if args.compile:
+    for dtype in args.dtypes if args.compile else ():
         start = time.perf_counter()
-        compiled = training_step(NestedUNet(nested_cfg), args.batch_size, args.dtypes[0], text_dim, compiled=True)
+        compiled = training_step(NestedUNet(nested_cfg), args.batch_size, dtype, text_dim, compiled=True)
         compiled()
-        print(f"torch.compile: first step (compiling) took {time.perf_counter() - start:.0f} s")
-        runs["nested+compile", args.dtypes[0]] = compiled
+        print(f"torch.compile, {dtype}: the first step (compiling) took {time.perf_counter() - start:.0f} s")
+        runs["nested+compile", dtype] = compiled
     if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
         models["diffusers"] = unet
     if args.flat:
@@ -164,10 +164,12 @@ def main():
     for key, ips in speed.items():
         if key != reference:
             print(f"ratio {key[0]}/{key[1]} vs {reference[0]}/{reference[1]}: {ips / speed[reference]:.2f}x")
+    ours = ["nested"] + ["nested+compile"] * args.compile
     for name in models:
         if name != "nested":
             for dtype in args.dtypes:
-                print(f"ratio nested vs {name}, {dtype}: {speed['nested', dtype] / speed[name, dtype]:.2f}x")
+                for mine in ours:
+                    print(f"ratio {mine} vs {name}, {dtype}: {speed[mine, dtype] / speed[name, dtype]:.2f}x")
     print(f"peak memory of this process at the end (max RSS): {peak_rss_mib():.0f} MiB")
 
 

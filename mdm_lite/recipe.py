@@ -20,6 +20,7 @@ against 0.72; README, "Measured").
 
     mdm-lite train                                    # the progressive recipe, ~15 min on 2 cores
     mdm-lite train --max_steps 20000 --output_dir runs/shapes   # longer last stage
+    mdm-lite train --max_steps 30000 --lr_decay_steps 6000 --compile --output_dir runs/shapes   # the shipped model
 
 Each stage is an ordinary training run in its own folder under output_dir; `--resume` continues
 the recipe where it stopped (finished stages are skipped, an unfinished one is resumed).
@@ -67,9 +68,10 @@ RECIPES: dict[str, tuple[Stage, ...]] = {
 }
 
 
-def stage_config(base: TrainConfig, stage: Stage, init_from: str | None = None) -> TrainConfig:
+def stage_config(base: TrainConfig, stage: Stage, init_from: str | None = None, last: bool = True) -> TrainConfig:
     """The TrainConfig of one stage: `base` with the stage's model size, training times, steps and
-    folder (base.output_dir / stage.name), grown from init_from (a checkpoint, or None)."""
+    folder (base.output_dir / stage.name), grown from init_from (a checkpoint, or None). Only the
+    last stage keeps base.lr_decay_steps: the cool-down ends the recipe, not each stage."""
     model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels)
     diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
     options = base.dataset_options
@@ -77,7 +79,7 @@ def stage_config(base: TrainConfig, stage: Stage, init_from: str | None = None) 
         options = options | {"omit": False}
     return dataclasses.replace(base, model=model, diffusion=diffusion, max_steps=stage.steps,
                                output_dir=str(Path(base.output_dir) / stage.name), init_from=init_from,
-                               dataset_options=options)
+                               dataset_options=options, lr_decay_steps=base.lr_decay_steps if last else 0)
 
 
 def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None) -> list[TrainConfig]:
@@ -90,7 +92,7 @@ def stage_configs(base: TrainConfig, recipe: str, last_steps: int | None = None)
         stages[-1] = dataclasses.replace(stages[-1], steps=last_steps)
     configs, previous = [], None
     for stage in stages:
-        configs.append(stage_config(base, stage, previous))
+        configs.append(stage_config(base, stage, previous, last=stage is stages[-1]))
         previous = str(Path(configs[-1].output_dir) / "checkpoint_latest")
     return configs
 

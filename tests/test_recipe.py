@@ -40,6 +40,11 @@ def test_every_stage_of_the_progressive_recipe_grows_from_the_one_before():
         assert after.model == before.model or grown
 
 
+def test_the_lr_cool_down_applies_to_the_last_stage_only():
+    configs = stage_configs(TrainConfig(output_dir="out", lr_decay_steps=100), "progressive", last_steps=1000)
+    assert [c.lr_decay_steps for c in configs] == [0] * (len(configs) - 1) + [100]
+
+
 def test_the_layout_stage_trains_on_shapes_captions_that_name_every_attribute():
     shapes = stage_configs(TrainConfig(output_dir="out", dataset_options={"seed": 3}), "progressive")
     assert shapes[0].dataset_options == {"seed": 3, "omit": False}
