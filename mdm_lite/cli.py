@@ -98,8 +98,8 @@ def build_train_config(args: argparse.Namespace):
         given["dataset_options"] = {**config.dataset_options, **_options(args.dataset_option)}
     if args.sample_prompts:
         given["sample_prompts"] = args.sample_prompts
-    if args.compile:
-        given["compile"] = True
+    if args.compile is not None:
+        given["compile"] = args.compile
     return dataclasses.replace(config, **given)
 
 
@@ -275,8 +275,9 @@ def parser() -> argparse.ArgumentParser:
                    help="passed to the dataset loader: path=..., image_column=..., caption_column=..., hub_name=...")
     t.add_argument("--sample_prompts", nargs="+", help="prompts of the sample grid written at each save")
     t.add_argument("--no_progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile the network: a minute or more of compiling, then faster steps")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the network: a minute or more of compiling, then faster steps "
+                   "(--no-compile: eager, e.g. for a --config that compiles on a machine without a C++ compiler)")
     for name, kind in TRAIN_OPTIONS.items():
         t.add_argument(f"--{name}", type=kind, help=f"TrainConfig.{name} (cpu preset: {getattr(defaults, name)})")
     t.set_defaults(run=_train)

@@ -466,7 +466,12 @@ def train_step(run: Run, batches: Iterator[dict]) -> tuple[torch.Tensor, torch.T
         with run.net.no_sync() if not sync else contextlib.nullcontext():
             with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.bf16):
                 # The multi-resolution loss (Eq. 4): one time t, every level noised, one forward pass.
-                loss, losses = multires_loss(run.net, x0, text.tokens, text.mask, config.diffusion, levels, generator)
+                try:
+                    loss, losses = multires_loss(run.net, x0, text.tokens, text.mask, config.diffusion, levels,
+                                                 generator)
+                except torch._dynamo.exc.BackendCompilerFailed as error:  # no C++ compiler, an unsupported op
+                    raise ConfigError(f"torch.compile could not compile the network ({str(error).splitlines()[0]}); "
+                                      "train without --compile (pass --no-compile)") from error
             (loss / accum).backward()
         total += loss.detach().float() / accum
         per_level += torch.stack(losses).float().cpu() / accum

@@ -69,6 +69,19 @@ def test_a_compiled_run_trains_as_the_eager_one_and_saves_weights_an_eager_model
     assert state_equal(reloaded.state_dict(), compiled.ema.state_dict())
 
 
+def test_compile_without_a_working_compiler_is_a_config_error_naming_no_compile(tmp_path, monkeypatch):
+    import torch._functorch.config
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)  # compile, do not reuse
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match="could not compile.*--no-compile"):
+        train(tiny_config(tmp_path / "run", compile=True), progress=False)
+    torch._dynamo.reset()
+    assert not list((tmp_path / "run").glob("checkpoint_0*"))
+
+
 def test_each_sample_grid_has_its_prompts_beside_it_one_line_per_image(run):
     grids = sorted(Path(run.config.output_dir).glob("samples_*.png"))
     assert [grid.name for grid in grids] == ["samples_000002.png", "samples_000004.png"]
