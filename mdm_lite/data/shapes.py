@@ -95,26 +95,36 @@ SHAPE_WORDS = {
 }
 COLOUR_WORDS = {colour: (colour,) for colour in COLOURS} | {"purple": ("purple", "violet")}
 BACKGROUND_WORDS = {"black": ("black",), "white": ("white",), "gray": ("gray", "grey")}
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+SIZE_WORDS = {"small": ("small", "little", "tiny", "mini", "smallish", "petite"),
+              "large": ("large", "big", "massive", "enormous", "oversized")}
 POSITION_PHRASES = {
     "top left": ("in the top left corner", "at the upper left", "top left", "in the top left", "upper-left",
-                 "top-left", "at the top left"),
-    "top": ("at the top", "at the top edge", "top", "at the top center", "top center", "at the top middle"),
+                 "top-left", "at the top left",
+                 "towards the top left", "in the top-left area", "close to the top left"),
+    "top": ("at the top", "at the top edge", "top", "at the top center", "top center", "at the top middle",
+            "towards the top", "in the upper part", "close to the top"),
     "top right": ("in the top right corner", "at the upper right", "top right", "in the top right", "upper-right",
-                  "top-right", "at the top right"),
-    "left": ("on the left", "at the left side", "left", "on the left side", "at the left edge"),
+                  "top-right", "at the top right",
+                  "towards the top right", "in the top-right area", "close to the top right"),
+    "left": ("on the left", "at the left side", "left", "on the left side", "at the left edge",
+             "towards the left", "on the left-hand side", "close to the left"),
     "center": ("in the center", "in the middle", "center", "centered", "centred", "in the centre",
-               "in the middle of the image"),
-    "right": ("on the right", "at the right side", "right", "on the right side", "at the right edge"),
+               "in the middle of the image",
+               "in the very middle", "right in the center", "at the centre"),
+    "right": ("on the right", "at the right side", "right", "on the right side", "at the right edge",
+              "towards the right", "on the right-hand side", "close to the right"),
     "bottom left": ("in the bottom left corner", "at the lower left", "bottom left", "in the bottom left",
-                    "lower-left", "bottom-left", "at the bottom left"),
+                    "lower-left", "bottom-left", "at the bottom left",
+                    "towards the bottom left", "in the bottom-left area", "close to the bottom left"),
     "bottom": ("at the bottom", "at the bottom edge", "bottom", "at the bottom center", "bottom center",
-               "at the bottom middle"),
+               "at the bottom middle",
+               "towards the bottom", "in the lower part", "close to the bottom"),
     "bottom right": ("in the bottom right corner", "at the lower right", "bottom right", "in the bottom right",
-                     "lower-right", "bottom-right", "at the bottom right"),
+                     "lower-right", "bottom-right", "at the bottom right",
+                     "towards the bottom right", "in the bottom-right area", "close to the bottom right"),
 }
 BACKGROUND_PHRASES = ("on a {} background", "on {}", "against a {} background", "over a {} background",
-                      "with a {} background", "on a plain {} background")
+                      "with a {} background", "on a plain {} background", "on a {} canvas", "on a {} surface")
 SINGLE_TEMPLATES = (
     "{obj} {position} {background}",
     "{obj} {background} {position}",
@@ -123,6 +133,12 @@ SINGLE_TEMPLATES = (
     "a picture of {obj} {background}, {position}",
     "{obj}, {position}, {background}",
     "there is {obj} {position} {background}",
+    # requests, as people type them to an image generator
+    "draw {obj} {position} {background}", "show me {obj} {position} {background}",
+    "generate {obj} {background} {position}", "can you draw {obj} {position} {background}",
+    "paint {obj} {position} {background}", "i would like {obj} {position} {background}",
+    "create an image of {obj} {position} {background}", "a photo of {obj} {position} {background}",
+    "we see {obj} {background} {position}", "give me {obj} {position} {background}",
 )
 HELDOUT_SIZE_WORDS = {"small": ("miniature",), "large": ("huge", "giant")}
 HELDOUT_POSITION_PHRASES = {
