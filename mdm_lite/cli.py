@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
               f"--prompts \"a small blue star top left\"\n"
               f"      mdm-lite eval --checkpoint {run_dir / 'checkpoint_latest'} --num_samples 64")
         if recipe:
-            print("      a model like the shipped one: mdm-lite train --max_steps 30000 --lr_decay_steps 6000 "
+            print("      a model like the shipped one: mdm-lite train --max_steps 27000 --lr_decay_steps 3000 "
                   "--compile --output_dir runs/shapes (hours on a CPU; see mdm_lite/assets/shapes_cpu/TRAINING.md)")
     return 0
 
