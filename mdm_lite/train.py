@@ -54,7 +54,7 @@ from .memory import check_fits
 from .nested import NestedUNet, NestedUNetConfig
 from .pipeline import MDMPipeline, checkpoint_configs
 from .plotting import plot_losses, save_grid
-from .text import TextEncoder
+from .text import DEFAULT_TEXT_ENCODER, TextEncoder
 from .unet import UNetConfig
 
 
@@ -344,11 +344,11 @@ class Run:
                                    generator=torch.Generator().manual_seed(self.config.seed + self.epoch)))
 
 
-def set_up(config: TrainConfig, resume: bool) -> Run:
+def set_up(config: TrainConfig, resume: bool, encoder: TextEncoder | None = None) -> Run:
     """Everything before the first step: the process group, the device, the model (new, grown
     from `init_from`, or resumed with its optimizer and position), its EMA, the data, the text
-    encoder and the lock on output_dir. Raises ConfigError or CheckpointError, before anything is
-    written, for what cannot work."""
+    encoder (`encoder`, moved to the device, or a new one) and the lock on output_dir. Raises
+    ConfigError or CheckpointError, before anything is written, for what cannot work."""
     config.validate()
     rank, world, local_rank = _distributed()
     device = resolve_device(config.device, local_rank)
@@ -379,7 +379,13 @@ def set_up(config: TrainConfig, resume: bool) -> Run:
 
     dataset = load_dataset(config.dataset, "train", image_size=config.model.image_size,
                            max_samples=config.max_samples, **config.dataset_options)
-    encoder = TextEncoder(config.text_encoder, device=device)
+    if encoder is None:
+        encoder = TextEncoder(config.text_encoder, device=device)
+    elif encoder.name_or_path != (config.text_encoder or DEFAULT_TEXT_ENCODER):
+        raise ConfigError(f"the text encoder passed to train is {encoder.name_or_path!r} but the config names "
+                          f"{config.text_encoder or DEFAULT_TEXT_ENCODER!r}; pass a TextEncoder of the config's")
+    else:
+        encoder.to(device)
     if encoder.dim != config.model.inner.text_dim:
         raise ConfigError(f"the text encoder gives {encoder.dim}-d tokens but the model expects "
                           f"{config.model.inner.text_dim}; set model.inner.text_dim to {encoder.dim}")
@@ -548,13 +554,17 @@ def save(run: Run, epoch_done: bool, log: _Log) -> Path | None:
     return checkpoint
 
 
-def train(config: TrainConfig, progress: bool = True, resume: bool = False) -> TrainResult:
+def train(config: TrainConfig, progress: bool = True, resume: bool = False,
+          encoder: TextEncoder | None = None) -> TrainResult:
     """Train a NestedUNet as `config` says; write checkpoints, metrics.jsonl, loss.png and sample
     grids under config.output_dir (rank 0 only). resume: continue from output_dir's
-    checkpoint_latest (its model config must match). Returns a TrainResult.
+    checkpoint_latest (its model config must match). encoder: a TextEncoder of
+    config.text_encoder to reuse, with the caption embeddings it has cached (the stages of a
+    recipe share one: a frozen encoder embeds a caption the same way in every stage); None loads
+    one. Returns a TrainResult.
     """
     with _INTERRUPT, _lock_released_at_exit(config.output_dir):
-        run = set_up(config, resume)
+        run = set_up(config, resume, encoder)
         log = _Log(run, progress)
         checkpoint = resolve_checkpoint(run.latest) if run.finished else None  # a resumed run already done
         stop = False

@@ -9,6 +9,7 @@ from mdm_lite.checkpoint import load_checkpoint
 from mdm_lite.cli import main
 from mdm_lite.recipe import RECIPES, Stage, run_recipe, stage_configs
 from mdm_lite.device import choose_precision
+from mdm_lite.text import TextEncoder
 from mdm_lite.train import ConfigError, TrainConfig, train
 from tiny_run import snapshot, state_equal, tiny_config
 
@@ -67,6 +68,21 @@ def test_a_recipe_trains_its_stages_in_turn_and_a_second_call_resumes_nothing(ti
     assert snapshot(tmp_path / "run") == before
     with pytest.raises(ConfigError, match="--resume"):
         run_recipe(base, tiny_recipe, progress=False)
+
+
+def test_the_stages_of_a_recipe_share_one_encoder_and_embed_each_caption_once(tiny_recipe, tmp_path, monkeypatch):
+    # the later stages draw the same captions again; a new encoder per stage embedded them anew
+    embedded, original = [], TextEncoder._encode_uncached
+    monkeypatch.setattr(TextEncoder, "_encode_uncached", lambda self, c: embedded.extend(c) or original(self, c))
+    run_recipe(tiny_config(tmp_path / "run"), tiny_recipe, progress=False)
+    assert embedded and len(embedded) == len(set(embedded))
+
+
+def test_train_refuses_an_encoder_other_than_its_configs(tmp_path):
+    other = TextEncoder()
+    other.name_or_path = "someone/else"
+    with pytest.raises(ConfigError, match="text encoder passed to train is 'someone/else'"):
+        train(tiny_config(tmp_path / "run"), progress=False, encoder=other)
 
 
 def test_a_recipe_stopped_in_its_last_stage_resumes_to_the_weights_of_an_unbroken_one(tiny_recipe, tmp_path):
