@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
               f"--prompts \"a small blue star top left\"\n"
               f"      mdm-lite eval --checkpoint {run_dir / 'checkpoint_latest'} --num_samples 64")
         if recipe:
-            print("      a model like the shipped one: mdm-lite train --max_steps 27000 --lr_decay_steps 3000 "
+            print("      a model like the shipped one: mdm-lite train --max_steps 33000 --lr_decay_steps 3000 "
                   "--compile --output_dir runs/shapes (hours on a CPU; see mdm_lite/assets/shapes_cpu/TRAINING.md)")
     return 0
 
