@@ -44,10 +44,9 @@ from .train import PRESETS, TrainConfig, TrainingDiverged, TrainingInterrupted, 
 TRAIN_OPTIONS = {
     "batch_size": int, "epochs": int, "max_steps": int, "lr": float, "weight_decay": float, "warmup_steps": int,
     "lr_decay_steps": int, "gradient_clip_norm": float, "num_gradient_accumulations": int, "ema_decay": float,
-    "precision": str,
-    "log_freq": int, "save_freq": int, "num_sample_steps": int, "guidance_scale": float, "output_dir": str,
-    "device": str, "seed": int, "max_time_s": float, "num_workers": int, "init_from": str, "dataset": str, "max_samples": int,
-    "text_encoder": str, "keep_checkpoints": int,
+    "precision": str, "log_freq": int, "save_freq": int, "num_sample_steps": int, "guidance_scale": float,
+    "output_dir": str, "device": str, "seed": int, "max_time_s": float, "num_workers": int, "init_from": str,
+    "dataset": str, "max_samples": int, "text_encoder": str, "keep_checkpoints": int,
 }
 
 
