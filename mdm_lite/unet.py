@@ -246,12 +246,31 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Double the resolution: a nearest-neighbour copy, then a 3x3 conv (ADM).
+
+    Computed as the one stride-2 4x4 transposed conv that equals the pair (the "resize-conv"
+    identity; tests/test_models.py checks it): it reads the low-resolution input directly, 16
+    multiply-adds per input pixel against the 36 of a 3x3 conv over the 4x larger copy, and makes
+    no copy. The parameters stay those of the 3x3 conv, so checkpoints are unchanged.
+    """
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        """x: (B, C, H, W) -> (B, C, 2H, 2W)."""
+        kernel = _resize_taps(_resize_taps(self.conv.weight, 2), 3).transpose(0, 1)  # (C_in, C_out, 4, 4)
+        return F.conv_transpose2d(x, kernel, self.conv.bias, stride=2, padding=1)
+
+
+def _resize_taps(weight: Tensor, dim: int) -> Tensor:
+    """The 3 taps (-1, 0, +1) of a conv after a nearest x2 copy, along `dim`, as the 4 taps of a
+    stride-2 transposed conv (padding 1): output pixel 2i reads x[i-1], x[i], x[i] of the copy, so
+    gets taps 3 and 1 (= w[-1], w[0] + w[+1]); pixel 2i + 1 reads x[i], x[i], x[i+1], taps 2 and 0
+    (= w[-1] + w[0], w[+1]). Sums in the weights' dtype (fp32 under autocast too)."""
+    before, centre, after = weight.unbind(dim)
+    return torch.stack([after, centre + after, before + centre, before], dim)
 
 
 class Stage(nn.Module):

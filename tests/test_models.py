@@ -4,8 +4,10 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mdm_lite import DiffusionConfig, NestedUNet, NestedUNetConfig, ShapesDataset, UNet, UNetConfig, multires_loss
+from mdm_lite.unet import Upsample
 
 torch.set_num_threads(1)
 
@@ -52,6 +54,22 @@ def test_unet_output_has_the_input_shape(resolution):
     model = UNet(tiny_unet_config(resolution=resolution, attention_resolutions=(resolution // 2,)))
     x = torch.randn(2, 3, resolution, resolution)
     assert model(x, torch.rand(2), *text(2)).shape == x.shape
+
+
+def test_upsample_is_a_nearest_copy_then_its_3x3_conv():
+    """`Upsample` runs as one stride-2 transposed conv; it must equal what its parameters mean, exactly
+    (float64), and give the same gradients to them, on non-square maps so rows and columns both count."""
+    upsample = Upsample(5).double()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    reference = upsample.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out = upsample(x)
+    assert out.shape == (2, 5, 6, 8)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-12)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *upsample.parameters()], grad)
+    theirs = torch.autograd.grad(reference, [x, *upsample.parameters()], grad)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_unet_starts_at_zero_output():
