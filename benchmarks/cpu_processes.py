@@ -46,7 +46,7 @@ def replica(rank: int, world: int, threads: int, batch_size: int, steps: int, dt
     torch.manual_seed(0)  # the same initial weights in every replica, as train() makes them
     model = NestedUNet(config.model)
     net = DistributedDataParallel(model) if world > 1 else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mdm_lite.train
     g = torch.Generator().manual_seed(rank)
     local = batch_size // world
     x = torch.rand(local, 3, 64, 64, generator=g) * 2 - 1

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mdm_lite import DiffusionConfig, NestedUNet, NestedUNetConfig, ShapesDataset, UNet, UNetConfig, multires_loss
-from mdm_lite.unet import Upsample
+from mdm_lite.unet import AttentionBlock, Upsample, position_embedding
 
 torch.set_num_threads(1)
 
@@ -70,6 +70,37 @@ def test_upsample_is_a_nearest_copy_then_its_3x3_conv():
     theirs = torch.autograd.grad(reference, [x, *upsample.parameters()], grad)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_attention_block_is_multi_head_attention_written_out():
+    """AttentionBlock against the textbook formula, in float64, from its own parameters: heads of
+    consecutive channels, positions added to the normalised pixels, padding tokens masked out."""
+    block = perturbed(AttentionBlock(8, head_dim=4, text_dim=6, position_size=3)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64)
+    tokens = torch.randn(2, 5, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True] * 5, [True, True, False, False, False]])
+
+    def project(conv, seq):  # a 1x1 Conv1d on (B, N, C)
+        return seq @ conv.weight[..., 0].T + conv.bias
+
+    def heads(t):  # (B, N, 8) -> (B, 2, N, 4): channels 0-3 are head 0
+        return t.reshape(t.shape[0], t.shape[1], 2, 4).transpose(1, 2)
+
+    def attend(q, k, v, keep):
+        scores = heads(q) @ heads(k).transpose(-1, -2) / 2.0  # sqrt(4)
+        weights = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1)
+        return (weights @ heads(v)).transpose(1, 2).reshape(q.shape)
+
+    seq = x.flatten(2).transpose(1, 2)  # (2, 9, 8)
+    pos = position_embedding(3, 3, 8).T.double()
+    q, k, v = project(block.qkv, block.norm(x).flatten(2).transpose(1, 2) + pos).chunk(3, dim=-1)
+    seq = seq + project(block.out, attend(q, k, v, torch.ones(2, 9, dtype=torch.bool)))
+    normed = block.cross_norm(seq.transpose(1, 2).reshape(2, 8, 3, 3)).flatten(2).transpose(1, 2)
+    k, v = block.cross_kv(tokens).chunk(2, dim=-1)
+    seq = seq + project(block.cross_out, attend(project(block.cross_q, normed + pos), k, v, mask))
+    expected = seq.transpose(1, 2).reshape(2, 8, 3, 3)
+    torch.testing.assert_close(block(x, tokens, mask), expected, rtol=0, atol=1e-12)
 
 
 def test_unet_starts_at_zero_output():
