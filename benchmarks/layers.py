@@ -52,7 +52,8 @@ def plain_attention(self: AttentionBlock, x, tokens=None, mask=None):
     if tokens is not None and self.cross_attention:
         q = heads(self.cross_q(self.cross_norm(flat.reshape(b, c, h, w)).reshape(b, c, h * w) + pos))
         k, v = self.cross_kv(tokens).transpose(1, 2).chunk(2, dim=1)
-        a = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=None if mask is None else mask[:, None, None, :])
+        attn_mask = None if mask is None else mask[:, None, None, :]
+        a = F.scaled_dot_product_attention(q, heads(k), heads(v), attn_mask=attn_mask)
         flat = flat + self.cross_out(a.transpose(2, 3).reshape(b, c, h * w))
     return flat.reshape(b, c, h, w)
 
@@ -136,8 +137,10 @@ def main():
     mask[: b // 2, TEXT_LENGTH // 2:] = False
     layers = {  # the preset's shapes: the 64x64 shell's upsample, the core's attention at 16 and 8
         "Upsample 32 ch, 32->64": (Upsample(32), (torch.randn(b, 32, 32, 32, generator=g),)),
-        "AttentionBlock 48 ch, 16x16": (AttentionBlock(48, 32, text_dim, 16), (torch.randn(b, 48, 16, 16, generator=g), tokens, mask)),
-        "AttentionBlock 96 ch, 8x8": (AttentionBlock(96, 32, text_dim, 8), (torch.randn(b, 96, 8, 8, generator=g), tokens, mask)),
+        "AttentionBlock 48 ch, 16x16": (AttentionBlock(48, 32, text_dim, 16),
+                                        (torch.randn(b, 48, 16, 16, generator=g), tokens, mask)),
+        "AttentionBlock 96 ch, 8x8": (AttentionBlock(96, 32, text_dim, 8),
+                                      (torch.randn(b, 96, 8, 8, generator=g), tokens, mask)),
     }
     runs, differences = {}, {}
     for name, (layer, inputs) in layers.items():

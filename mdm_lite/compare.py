@@ -83,9 +83,10 @@ def flat_baseline(nested: NestedUNetConfig) -> NestedUNetConfig:
 
 # Each model of the race: its stages, each with its share of the training budget. The
 # progressive recipe's stages get about their shares of the wall-clock of `mdm-lite train` when
-# the committed race ran (397 / 148 / 196 / 713 s, its first stage then 1,500 steps). The models trained end to end at 64x64 get the recipe where it
-# applies: the same share of layout training at t = 0.97 on captions that name every attribute,
-# then every noise level alike. "flat" is `flat_baseline` of the NestedUNet (one level).
+# the committed race ran (397 / 148 / 196 / 713 s, its first stage then 1,500 steps). The models
+# trained end to end at 64x64 get the recipe where it applies: the same share of layout training
+# at t = 0.97 on captions that name every attribute, then every noise level alike. "flat" is
+# `flat_baseline` of the NestedUNet (one level).
 RACE: dict[str, tuple[tuple[Stage, float], ...]] = {
     "nested": ((Stage("1_layout64", 64, 3, time_range=(0.97, 0.97), all_attributes=True), 0.25),
                (Stage("2_all64", 64, 3), 0.75)),

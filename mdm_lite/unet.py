@@ -222,7 +222,8 @@ class AttentionBlock(nn.Module):
             normed = self.cross_norm(seq.transpose(1, 2).reshape(b, c, h, w)).flatten(2).transpose(1, 2)
             k, v = self.cross_kv(tokens).chunk(2, dim=-1)
             attn_mask = None if mask is None else mask[:, None, None, :]
-            a = attention(self._heads(_pointwise(self.cross_q, normed + pos)), self._heads(k), self._heads(v), attn_mask)
+            q = self._heads(_pointwise(self.cross_q, normed + pos))
+            a = attention(q, self._heads(k), self._heads(v), attn_mask)
             seq = seq + _pointwise(self.cross_out, _merge_heads(a))
         return seq.transpose(1, 2).reshape(b, c, h, w)
 
