@@ -9,8 +9,8 @@ times each against the plain form it replaced (the reference of each ratio):
   `scaled_dot_product_attention` fall back to its unfused kernel;
 - AdamW: `fused=True`, against the default loop over the parameters.
 
-Each layer fwd + bwd at the preset's shapes, then the whole step (forward, backward, clipping,
-AdamW) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3) with all plain forms against all
+Each layer fwd + bwd at the preset's shapes, then the whole step (forward, backward, AdamW:
+train_step.py's) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3) with all plain forms against all
 fast ones, fp32 and bf16 autocast, round by round; medians. It also prints the largest difference
 between the two forms' outputs (fp32: rounding only).
 
@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from timing import add_clock_options, set_up_clock
+from train_step import TEXT_LENGTH, training_step
 
-from mdm_lite import DiffusionConfig, NestedUNet, multires_loss
+from mdm_lite import DiffusionConfig, NestedUNet
 from mdm_lite.samplers import sample
 from mdm_lite.train import PRESETS
 from mdm_lite.unet import AttentionBlock, Upsample
-
-TEXT_LENGTH = 12
 
 
 def plain_upsample(self: Upsample, x: torch.Tensor) -> torch.Tensor:
@@ -90,19 +89,12 @@ def layer_run(layer, inputs, dtype: str, plain: bool):
 
 
 def step_run(model: NestedUNet, batch_size: int, dtype: str, plain: bool):
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1
-    tokens = torch.randn(batch_size, TEXT_LENGTH, model.config.inner.text_dim, generator=g)
-    mask = torch.ones(batch_size, TEXT_LENGTH, dtype=torch.bool)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.99), fused=not plain)
+    """train_step.py's training step, with the plain forms and AdamW's loop (plain=True) or the fast ones."""
+    step = training_step(model, batch_size, dtype, model.config.inner.text_dim, fused=not plain)
 
     def run():
-        with forms(plain), autocast(dtype):
-            loss = multires_loss(model, x, tokens, mask, DiffusionConfig(), model.config.num_levels, generator=g)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        with forms(plain):
+            step()
     return run
 
 
@@ -160,7 +152,7 @@ def main():
     sampler_model = NestedUNet(config).eval()
     for dtype in ("fp32", "bf16"):
         for plain in (True, False):
-            runs["sampling 16 images", dtype, plain] = sampling_run(sampler_model, b, dtype, plain)
+            runs[f"sampling {b} images", dtype, plain] = sampling_run(sampler_model, b, dtype, plain)
     for run in runs.values():  # warm-up
         run()
 
@@ -170,7 +162,7 @@ def main():
             start = clock()
             run()
             seconds[key].append(clock() - start)
-    for name in [*layers, "training step", "sampling 16 images"]:
+    for name in [*layers, "training step", f"sampling {b} images"]:
         for dtype in ("fp32", "bf16"):
             plain, fast = (statistics.median(seconds[name, dtype, p]) for p in (True, False))
             if name == "training step":

@@ -55,13 +55,14 @@ def diffusers_unet(text_dim: int):
         cross_attention_dim=text_dim, attention_head_dim=3, norm_num_groups=4)  # 3 heads of 24 channels
 
 
-def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False):
-    """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data."""
+def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True):
+    """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data;
+    fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1
     tokens = torch.randn(batch_size, TEXT_LENGTH, text_dim, generator=g)
     mask = torch.ones(batch_size, TEXT_LENGTH, dtype=torch.bool)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as mdm_lite.train
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     net = torch.compile(model) if compiled else model
     config = DiffusionConfig()
 
