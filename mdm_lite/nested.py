@@ -66,6 +66,14 @@ class NestedUNetConfig:
         """The config of the NestedUNet nested inside this one's outermost shell."""
         return dataclasses.replace(self, image_size=self.image_size // 2, num_levels=self.num_levels - 1)
 
+    def same_network(self, other: "NestedUNetConfig") -> bool:
+        """Whether `other` builds the same network. A one-level model has no shell, so its
+        shell_channels and shell_num_res_blocks are ignored: its checkpoints grow into, and resume
+        as, a model of any shell (a recipe's first stages are one-level runs)."""
+        if self.num_levels == 1 == other.num_levels:
+            return (self.image_size, self.inner) == (other.image_size, other.inner)
+        return self == other
+
     def shell(self) -> UNetConfig:
         return UNetConfig(
             resolution=self.image_size, in_channels=self.inner.in_channels, out_channels=self.inner.out_channels,
@@ -179,7 +187,7 @@ class NestedUNet(nn.Module):
         `config` must describe the larger model; its inner levels must match `inner.config`.
         The new joins and output conv are zero, so the inner levels' predictions are unchanged.
         """
-        if config.num_levels != inner.config.num_levels + 1 or config.inner_levels() != inner.config:
+        if config.num_levels != inner.config.num_levels + 1 or not config.inner_levels().same_network(inner.config):
             raise ValueError(
                 f"cannot wrap a {inner.config.num_levels}-level model at {inner.config.image_size}px in "
                 f"a {config.num_levels}-level one at {config.image_size}px: their inner configs differ"

@@ -269,9 +269,9 @@ def grow_from(checkpoint_path: str, config: NestedUNetConfig) -> NestedUNet:
     if not model.gives_finite_outputs():
         raise CheckpointError(f"--init_from {ckpt.path}: its weights give non-finite outputs (the run had diverged); "
                               "grow from an earlier checkpoint")
-    if small == config:
+    if small.same_network(config):
         return model
-    if config.num_levels == small.num_levels + 1 and config.inner_levels() == small:
+    if config.num_levels == small.num_levels + 1 and config.inner_levels().same_network(small):
         return NestedUNet.wrap(model, config)
     raise CheckpointError(
         f"--init_from {ckpt.path} holds a {small.num_levels}-level model at {small.image_size}px; growing needs "
@@ -426,7 +426,7 @@ def _resume(latest: Path, config: TrainConfig, model: NestedUNet, ema: NestedUNe
     """Load a run's latest checkpoint into model, ema, optimizer and the RNG; returns where it
     stood: (step, epoch, batch_in_epoch, train_time)."""
     ckpt = load_checkpoint(latest)
-    if _model_config(ckpt) != config.model:
+    if not _model_config(ckpt).same_network(config.model):
         raise CheckpointError(f"{ckpt.path} was trained with a different model config; resume with the same "
                               "--preset/--num_levels/--image_size/--config, or choose a new --output_dir")
     if ckpt.model is None:

@@ -1,5 +1,6 @@
 """UNet and NestedUNet: shapes, equivalences, how the levels are wired, and that they can learn."""
 
+import dataclasses
 import time
 
 import pytest
@@ -310,6 +311,19 @@ def test_wrap_refuses_a_mismatched_inner_model():
         NestedUNet.wrap(inner, tiny_nested_config(64, 3))
     with pytest.raises(ValueError, match="cannot wrap"):
         NestedUNet.wrap(inner, tiny_nested_config(32, 2))
+
+
+def test_a_one_level_model_grows_into_a_model_of_any_shell():
+    # A one-level model has no shell: its shell settings build nothing, so they must not stop it
+    # growing (or resuming). With two levels they do build the shell, and must match.
+    one = tiny_nested_config(16, 1)
+    other_shell = dataclasses.replace(one, shell_channels=2 * one.shell_channels, shell_num_res_blocks=0)
+    assert one.same_network(other_shell) and one != other_shell
+    model = NestedUNet.wrap(NestedUNet(other_shell), dataclasses.replace(one, image_size=32, num_levels=2))
+    assert model.config.shell_channels == one.shell_channels
+    two = tiny_nested_config(32, 2)
+    assert not two.same_network(dataclasses.replace(two, shell_num_res_blocks=two.shell_num_res_blocks + 1))
+    assert not one.same_network(dataclasses.replace(one, inner=dataclasses.replace(one.inner, channels=16)))
 
 
 def test_a_small_nested_unet_overfits_one_batch():
