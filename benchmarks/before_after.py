@@ -53,7 +53,7 @@ def import_before(rev: str, folder: Path):
     return importlib.import_module("mdm_lite_before")
 
 
-def today(config) -> NestedUNetConfig:
+def todays_config(config) -> NestedUNetConfig:
     """The earlier code's NestedUNetConfig as today's (the same network)."""
     inner = {name: getattr(config.inner, name) for name in UNetConfig.__dataclass_fields__ if hasattr(config.inner, name)}
     return NestedUNetConfig(image_size=config.image_size, num_levels=config.num_levels, inner=UNetConfig(**inner),
@@ -110,7 +110,7 @@ def main():
 
         torch.manual_seed(0)
         old_model = before.NestedUNet(issue_config)
-        new_model = NestedUNet(today(issue_config))
+        new_model = NestedUNet(todays_config(issue_config))
         new_model.load_state_dict(old_model.state_dict())  # the same weights, so the same function
         preset_model = NestedUNet(PRESETS["cpu"]().model)
         count = {name: sum(p.numel() for p in m.parameters()) / 1e6
@@ -123,7 +123,7 @@ def main():
             runs["train", "today's preset", "after", dtype] = training_step(preset_model, args.batch_size, dtype,
                                                                          text_dim)
         if args.sample_batch:
-            res = today(issue_config).resolutions
+            res = todays_config(issue_config).resolutions
             runs["sample", "ddim 50", "before", "fp32"] = sampling_run(before.diffusion.sample, old_model.eval(), res,
                                                                        args.sample_batch, text_dim, "fp32",
                                                                        torch.no_grad, num_steps=50, sampler="ddim")
