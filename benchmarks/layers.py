@@ -1,13 +1,16 @@
 """The layers' fast forms against their plain forms, and the training step with each, in one process.
 
-Three places of the CPU preset's training step compute the same function in a cheaper way; this
+Four places of the CPU preset's training step and sampling compute the same function in a cheaper way; this
 times each against the plain form it replaced (the reference of each ratio):
 
 - `Upsample`: one stride-2 4x4 transposed conv, against a nearest x2 copy then the 3x3 conv;
 - `AttentionBlock`: the pixels as a (B, H*W, C) sequence, which torch's fused attention kernel
   takes, with attention in fp32 on the CPU, against the (B, C, H*W) layout, which made
   `scaled_dot_product_attention` fall back to its unfused kernel;
-- AdamW: `fused=True`, against the default loop over the parameters.
+- AdamW: `fused=True`, against the default loop over the parameters;
+- `GroupNorm`: under bf16, channels-last maps under 32x32 (sampling's 16x16 and 8x8 levels)
+  normalised channels-first, against torch's channels-last kernel (no layer row: training is
+  channels-first, so only the sampling row shows it).
 
 Each layer fwd + bwd at the preset's shapes, then the whole step (forward, backward, AdamW:
 train_step.py's) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3) with all plain forms against all
@@ -22,6 +25,7 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from timing import add_clock_options, set_up_clock
 from train_step import TEXT_LENGTH, training_step
@@ -29,7 +33,7 @@ from train_step import TEXT_LENGTH, training_step
 from mdm_lite import DiffusionConfig, NestedUNet
 from mdm_lite.samplers import sample
 from mdm_lite.train import PRESETS
-from mdm_lite.unet import AttentionBlock, Upsample
+from mdm_lite.unet import AttentionBlock, GroupNorm, Upsample
 
 
 def plain_upsample(self: Upsample, x: torch.Tensor) -> torch.Tensor:
@@ -57,8 +61,8 @@ def plain_attention(self: AttentionBlock, x, tokens=None, mask=None):
     return flat.reshape(b, c, h, w)
 
 
-FAST = {Upsample: Upsample.forward, AttentionBlock: AttentionBlock.forward}
-PLAIN = {Upsample: plain_upsample, AttentionBlock: plain_attention}
+FAST = {Upsample: Upsample.forward, AttentionBlock: AttentionBlock.forward, GroupNorm: GroupNorm.forward}
+PLAIN = {Upsample: plain_upsample, AttentionBlock: plain_attention, GroupNorm: nn.GroupNorm.forward}
 
 
 @contextlib.contextmanager

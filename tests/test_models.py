@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mdm_lite import DiffusionConfig, NestedUNet, NestedUNetConfig, ShapesDataset, UNet, UNetConfig, multires_loss
-from mdm_lite.unet import AttentionBlock, Upsample, position_embedding
+from mdm_lite.unet import AttentionBlock, Upsample, norm, position_embedding
 
 torch.set_num_threads(1)
 
@@ -71,6 +71,31 @@ def test_upsample_is_a_nearest_copy_then_its_3x3_conv():
     theirs = torch.autograd.grad(reference, [x, *upsample.parameters()], grad)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("side, routed", [(16, True), (32, False)])
+def test_group_norm_on_small_channels_last_bf16_maps_is_the_same_norm(side, routed):
+    """Under bf16 a channels-last map under 32x32 is normalised channels-first (torch's channels-last
+    kernel is slow there) and handed back channels-last; it must be GroupNorm's function all the same,
+    outputs and gradients, to bf16 rounding, with the layout it came in."""
+    norm_layer = norm(48)
+    with torch.no_grad():
+        norm_layer.weight.normal_(1, 0.2)
+        norm_layer.bias.normal_(0, 0.2)
+    x = (torch.randn(2, 48, side, side) * 2 + 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    out = norm_layer(x)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    x32 = x.detach().float().requires_grad_()
+    reference = F.group_norm(x32, 16, norm_layer.weight, norm_layer.bias)
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=0.05)
+    grad = torch.randn_like(reference)
+    (gx,) = torch.autograd.grad(out, x, grad.to(torch.bfloat16))
+    (rx,) = torch.autograd.grad(reference, x32, grad)
+    torch.testing.assert_close(gx.float(), rx, rtol=0, atol=0.1)
+    with torch.no_grad():  # which of torch's kernels computed it: channels-first when routed, else its own
+        expected = torch.nn.GroupNorm.forward(norm_layer, x.contiguous() if routed else x)
+    assert torch.equal(out.detach(), expected)
 
 
 def test_attention_block_is_multi_head_attention_written_out():
