@@ -131,13 +131,14 @@ class GroupNorm(nn.GroupNorm):
     """nn.GroupNorm (the same parameters, so checkpoints load unchanged) that steps around one slow
     kernel of torch on the CPU.
 
-    For a channels-last map of fewer than 1,024 pixels torch's CPU kernel gives each (image, group)
-    one thread, which reads that group's channels strided across the map; in bf16 that is 3 to 23
-    times slower than normalising the same map channels-first (batch 8-32, 16-192 channels, 8x8 and
-    16x16; larger maps take a fast path). Sampling runs channels-last on the CPU
-    (`samplers._noise`), so under bf16 such maps (the 16x16 and 8x8 levels) are normalised
-    channels-first and handed back channels-last: the same function, to rounding. In fp32 torch's
-    kernel is as fast either way, and training is channels-first: both go straight through.
+    For a channels-last map of fewer than 1,024 pixels (its `feature_map_threshold`) torch's CPU
+    kernel gives each (image, group) one thread, which reads that group's channels strided across
+    the map; in bf16 that is 3 to 23 times slower than normalising the same map channels-first
+    (batch 8-32, 16-192 channels, 8x8 and 16x16; fp16 3-5x), while larger maps take a fast path.
+    Sampling runs channels-last on the CPU (`samplers._noise`), so under bf16 such maps (the 16x16
+    and 8x8 levels) are normalised channels-first and handed back channels-last: the same
+    function, to rounding. In fp32 torch's kernel is as fast either way, and training is
+    channels-first: both go straight through.
     """
 
     def forward(self, x: Tensor) -> Tensor:
