@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from timing import add_clock_options, set_up_clock
+from timing import add_clock_options, round_robin, set_up_clock
 from train_step import TEXT_LENGTH, training_step
 
 import mdm_lite
@@ -133,12 +133,7 @@ def main():
                                                                           torch.inference_mode)
         for run in runs.values():  # warm-up: allocator, oneDNN kernels
             run()
-        seconds = {key: [] for key in runs}
-        for _ in range(args.rounds):
-            for key, run in runs.items():
-                start = clock()
-                run()
-                seconds[key].append(clock() - start)
+        seconds = round_robin(runs, args.rounds, clock)
     per = {key: statistics.median(s) for key, s in seconds.items()}
     for (kind, what, code, dtype), s in per.items():
         if kind == "train":

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timing import add_clock_options, set_up_clock
+from timing import add_clock_options, round_robin, set_up_clock
 from train_step import TEXT_LENGTH, training_step
 
 from mdm_lite import DiffusionConfig, NestedUNet
@@ -160,12 +160,7 @@ def main():
     for run in runs.values():  # warm-up
         run()
 
-    seconds = {key: [] for key in runs}
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            start = clock()
-            run()
-            seconds[key].append(clock() - start)
+    seconds = round_robin(runs, args.rounds, clock)
     for name in [*layers, "training step", f"sampling {b} images"]:
         for dtype in ("fp32", "bf16"):
             plain, fast = (statistics.median(seconds[name, dtype, p]) for p in (True, False))

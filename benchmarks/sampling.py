@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from timing import add_clock_options, set_up_clock
+from timing import add_clock_options, round_robin, set_up_clock
 
 from mdm_lite import DiffusionConfig, NestedUNet
 from mdm_lite.compare import flat_baseline
@@ -69,12 +69,8 @@ def main():
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg)).eval()
         runs[("flat",) + first[1:]] = sampling_run(models["flat"], args.num_images, *first[1:])
-    seconds = {key: [] for key in runs}
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            start = clock()
-            run()
-            seconds[key].append((clock() - start) / args.num_images)
+    seconds = {key: [s / args.num_images for s in times]  # per image
+               for key, times in round_robin(runs, args.rounds, clock).items()}
     reference = statistics.median(seconds[first])
     for (name, sampler, steps, precision), times in seconds.items():
         per_image = statistics.median(times)

@@ -1,7 +1,7 @@
-"""What the timing benchmarks (sampling.py, train_step.py) share: their --threads and --clock options."""
+"""What the timing benchmarks share: their --threads and --clock options, and timing runs round by round."""
 import argparse
 import time
-from typing import Callable
+from typing import Callable, Hashable
 
 import torch
 
@@ -17,3 +17,17 @@ def set_up_clock(args: argparse.Namespace) -> Callable[[], float]:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     return time.perf_counter if args.clock == "wall" else time.process_time
+
+
+def round_robin(runs: dict[Hashable, Callable[[], None]], rounds: int, clock: Callable[[], float],
+                calls: int = 1) -> dict[Hashable, list[float]]:
+    """Seconds per call of each run, one figure per round: every run goes once (`calls` times in a
+    row) per round, so that other jobs on the machine slow all of them alike."""
+    seconds = {key: [] for key in runs}
+    for _ in range(rounds):
+        for key, run in runs.items():
+            start = clock()
+            for _ in range(calls):
+                run()
+            seconds[key].append((clock() - start) / calls)
+    return seconds

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from timing import add_clock_options, set_up_clock
+from timing import add_clock_options, round_robin, set_up_clock
 
 from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
 from mdm_lite.compare import flat_baseline
@@ -142,13 +142,7 @@ def main():
                 runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim)
                 runs[name, dtype]()
 
-    seconds = {key: [] for key in runs}
-    for _ in range(args.rounds):
-        for key, run in runs.items():
-            start = clock()
-            for _ in range(args.steps):
-                run()
-            seconds[key].append((clock() - start) / args.steps)
+    seconds = round_robin(runs, args.rounds, clock, calls=args.steps)
     peaks = {"fp32": matmul_peak(torch.float32, clock), "bf16": matmul_peak(torch.bfloat16, clock)}
     print(f"matmul peak (2048^3, best of 5): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
 
