@@ -8,9 +8,10 @@ same network, round by round, so that other jobs on the machine slow both alike:
   embedding), one step (forward, backward, AdamW as each code's `train` builds it) at batch 16,
   64x64, fp32 and bf16 autocast; then today's preset (2.65M: attention at 16 and 8, a position
   embedding) on today's code, which the README's other figures are of;
-- sampling: --sample_batch prompts with guidance 3, the earlier code's default (DDIM 50, fp32,
-  no_grad) against today's (`samplers.sample`'s default, DPM-Solver++(2M) 20 steps, in fp32 and
-  under bf16 autocast).
+- sampling: --sample_batch prompts with guidance 3, the earlier code's default (DDIM 50 guided at
+  every step, fp32, no_grad) against today's default (`samplers.sample`'s: DPM-Solver++(2M), its
+  DEFAULT_STEPS, guided at the times of DEFAULT_GUIDANCE_INTERVAL only) and DPM-Solver++(2M) 20
+  guided at every step, in fp32 and under bf16 autocast.
 
 Each speed is the median over the rounds; the ratios are today's over the earlier code's.
 
@@ -32,10 +33,15 @@ from train_step import TEXT_LENGTH, training_step
 
 import mdm_lite
 from mdm_lite import DiffusionConfig, NestedUNet, NestedUNetConfig, UNetConfig
-from mdm_lite.samplers import sample
+from mdm_lite.samplers import DEFAULT_GUIDANCE_INTERVAL, DEFAULT_STEPS, sample
 from mdm_lite.train import PRESETS
 
 REPO = Path(__file__).resolve().parent.parent
+# Today's samplers: the default, and DPM-Solver++ 20 guided at every step as the earlier code guided.
+SAMPLING_AFTER = {
+    f"dpmpp {DEFAULT_STEPS}, guided t >= {DEFAULT_GUIDANCE_INTERVAL[0]:g} (default)": {},
+    "dpmpp 20, guided every step": dict(num_steps=20, sampler="dpmpp", guidance_interval=(0.0, 1.0)),
+}
 
 
 def import_before(rev: str, folder: Path):
@@ -128,9 +134,9 @@ def main():
                                                                        args.sample_batch, text_dim, "fp32",
                                                                        torch.no_grad, num_steps=50, sampler="ddim")
             for dtype in ("fp32", "bf16"):
-                runs["sample", "dpmpp 20", "after", dtype] = sampling_run(sample, new_model.eval(), res,
-                                                                          args.sample_batch, text_dim, dtype,
-                                                                          torch.inference_mode)
+                for what, options in SAMPLING_AFTER.items():
+                    runs["sample", what, "after", dtype] = sampling_run(sample, new_model.eval(), res, args.sample_batch,
+                                                                        text_dim, dtype, torch.inference_mode, **options)
         for run in runs.values():  # warm-up: allocator, oneDNN kernels
             run()
         seconds = round_robin(runs, args.rounds, clock)
@@ -151,9 +157,10 @@ def main():
           f"{per[*issue, 'before', 'fp32'] / per[*issue, 'after', 'bf16']:.2f}x")
     if args.sample_batch:
         base = per["sample", "ddim 50", "before", "fp32"]
-        for dtype in ("fp32", "bf16"):
-            print(f"ratio sample, dpmpp 20 {dtype} after / ddim 50 fp32 before: "
-                  f"{base / per['sample', 'dpmpp 20', 'after', dtype]:.2f}x")
+        for what in SAMPLING_AFTER:
+            for dtype in ("fp32", "bf16"):
+                print(f"ratio sample, {what} {dtype} after / ddim 50 fp32 before: "
+                      f"{base / per['sample', what, 'after', dtype]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def main():
                         help="seconds of training at which each model is evaluated; training stops at the last")
     parser.add_argument("--num_samples", type=int, default=64, help="generated images per prompt set and point")
     parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--guidance_interval", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                        help="guided times (default: every step, as book/results/nested_vs_flat.json was sampled)")
     parser.add_argument("--models", nargs="+", default=list(RACE), choices=list(RACE))
     parser.add_argument("--work_dir", default="runs/race", help="where the training runs go")
     parser.add_argument("--output", default="nested_vs_flat.json", help="the rows as JSON; the plot goes beside it")
@@ -44,13 +46,14 @@ def main():
         output.write_text(json.dumps(rows, indent=1))
 
     nested_vs_flat(args.work_dir, budget_s=args.budget_s, points_s=args.points, num_samples=args.num_samples,
-                   num_inference_steps=args.num_inference_steps, models=tuple(args.models), on_row=write)
+                   num_inference_steps=args.num_inference_steps, guidance_interval=tuple(args.guidance_interval),
+                   models=tuple(args.models), on_row=write)
     plot_comparison(rows).savefig(output.with_suffix(".png"))
     prompts = race_prompts()
     for name in args.models:
         pipe = MDMPipeline.from_pretrained(Path(args.work_dir, name, RACE[name][-1][0].name), device="cpu")
         images = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=3.0,
-                      seed=0, output_type="pt").images
+                      guidance_interval=tuple(args.guidance_interval), seed=0, output_type="pt").images
         save_grid(images, output.with_name(f"samples_{name}.png"), nrow=len(prompts))
     print(f"wrote {output}, {output.with_suffix('.png')} and a sample grid per model beside them")
 

@@ -36,7 +36,7 @@ from .metrics import PROMPT_SETS, evaluate_checkpoint
 from .pipeline import SAMPLING_OPTIONS, MDMPipeline, SamplingFailed
 from .plotting import save_grid, side_by_side
 from .recipe import run_recipe
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from .samplers import DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, check_guidance_interval
 from .text import TextEncoderError
 from .train import PRESETS, TrainConfig, TrainingDiverged, TrainingInterrupted, cpu_preset, train
 
@@ -169,13 +169,15 @@ def _sample(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     for flag, option in SAMPLE_FLAGS.items():  # before the minutes of loading and sampling
         check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[option])
+    check_guidance_interval(args.guidance_interval, "--guidance_interval")
     check_value("--device", args.device, Annotated[str, Device])
     output_dir = Path(args.output_dir)
     check_writable(output_dir)
     pipe = MDMPipeline.from_pretrained(args.checkpoint, device=args.device, use_ema=not args.no_ema)
     start = time.perf_counter()
     out = pipe(prompts, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-               sampler=args.sampler, eta=args.eta, num_images_per_prompt=args.num_per_prompt, seed=args.seed,
+               guidance_interval=tuple(args.guidance_interval), sampler=args.sampler, eta=args.eta,
+               num_images_per_prompt=args.num_per_prompt, seed=args.seed,
                output_type="pt", progress=not args.no_progress, precision=args.precision)
     seconds = time.perf_counter() - start
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -202,10 +204,12 @@ def _eval(args: argparse.Namespace) -> int:
     check_value("--num_samples", args.num_samples, Annotated[int, Positive])
     for flag in ("num_inference_steps", "guidance_scale", "seed"):  # before the minutes of sampling
         check_value(f"--{flag}", getattr(args, flag), SAMPLING_OPTIONS[flag])
+    check_guidance_interval(args.guidance_interval, "--guidance_interval")
     check_value("--device", args.device, Annotated[str, Device])
     check_writable(Path(args.output).parent, "--output")
     table = evaluate_checkpoint(args.checkpoint, num_samples=args.num_samples,
                                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                guidance_interval=tuple(args.guidance_interval),
                                 sampler=args.sampler, seed=args.seed, prompt_sets=args.prompts, device=args.device,
                                 use_ema=not args.no_ema, progress=not args.no_progress, precision=args.precision)
     print(f"checkpoint {table['checkpoint']} (step {table['step']})")
@@ -291,6 +295,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--output_dir", default="generated", help="where sample_0000.png, ... and grid.png go")
     s.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="denoising steps (network calls)")
     s.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
+    s.add_argument("--guidance_interval", type=float, nargs=2, default=list(DEFAULT_GUIDANCE_INTERVAL),
+                   metavar=("LOW", "HIGH"), help="guide the steps at times t in [LOW, HIGH] (1: pure noise), the "
+                   "others conditional only (0 1: every step)")
     s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
@@ -317,6 +324,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--num_samples", type=int, default=256, help="images to generate and judge")
     e.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="sampler steps per image")
     e.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
+    e.add_argument("--guidance_interval", type=float, nargs=2, default=list(DEFAULT_GUIDANCE_INTERVAL),
+                   metavar=("LOW", "HIGH"), help="guide the steps at times t in [LOW, HIGH] (1: pure noise), the "
+                   "others conditional only (0 1: every step)")
     e.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
     e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")

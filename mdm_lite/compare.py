@@ -31,6 +31,7 @@ from .judge import load_judge
 from .metrics import PROMPT_SETS, evaluate_pipeline
 from .nested import NestedUNet, NestedUNetConfig
 from .recipe import RECIPES, Stage, stage_config
+from .samplers import DEFAULT_GUIDANCE_INTERVAL
 from .train import TrainConfig, train
 
 
@@ -99,6 +100,7 @@ RACE: dict[str, tuple[tuple[Stage, float], ...]] = {
 
 def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: Sequence[float] | None = None,
                    num_samples: int = 64, num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                   guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
                    base: TrainConfig | None = None, models: tuple[str, ...] = tuple(RACE),
                    prompt_sets: tuple[str, ...] = ("train", "phrasing"),
                    on_row: Callable[[dict], None] | None = None) -> list[dict]:
@@ -110,7 +112,8 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
 
     base: the TrainConfig of the nested model (the CPU preset by default); every stage is a run
     in output_dir / model / stage. An evaluation generates num_samples images from the EMA weights
-    for each of `prompt_sets` (keys of `metrics.PROMPT_SETS`). Returns one row per (model, point)
+    for each of `prompt_sets` (keys of `metrics.PROMPT_SETS`), sampled as num_inference_steps,
+    guidance_scale and guidance_interval say (`MDMPipeline`). Returns one row per (model, point)
     whose model is 64x64 (a progressive model is smaller before its last stage): model, stage,
     params, step and images_seen (over all its stages), train_time_s, wall_s (training, saving and
     evaluating so far), loss_64 and "sets": {prompt set: `metrics.evaluate_pipeline`'s row}.
@@ -147,7 +150,9 @@ def nested_vs_flat(output_dir: str | Path, budget_s: float = 1800.0, points_s: S
                            "train_time_s": reached_s, "loss_64": last[f"loss_{stage.image_size}"],
                            "sets": {s: evaluate_pipeline(pipe, num_samples=num_samples,
                                                          num_inference_steps=num_inference_steps,
-                                                         guidance_scale=guidance_scale, judge=judge, **PROMPT_SETS[s])
+                                                         guidance_scale=guidance_scale,
+                                                         guidance_interval=guidance_interval, judge=judge,
+                                                         **PROMPT_SETS[s])
                                     for s in prompt_sets}}
                     row["wall_s"] = time.perf_counter() - started
                     rows.append(row)

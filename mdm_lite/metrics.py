@@ -30,7 +30,7 @@ from .data import ShapesDataset
 from .images import to_uint8
 from .judge import ATTRIBUTES, Judge, attribute_labels, load_judge
 from .pipeline import MDMPipeline
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS
+from .samplers import DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
@@ -175,7 +175,8 @@ PROMPT_SETS = {
 
 
 def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = DEFAULT_STEPS,
-                      guidance_scale: float = 3.0, sampler: str = DEFAULT_SAMPLER, seed: int = 0, split: str = "train",
+                      guidance_scale: float = 3.0, guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL,
+                      sampler: str = DEFAULT_SAMPLER, seed: int = 0, split: str = "train",
                       phrasing: str = "train", batch_size: int = 64, judge: Judge | None = None,
                       progress: bool = False, precision: str = "auto") -> dict:
     """Generate num_samples images from fresh Shapes prompts with an MDMPipeline and score them.
@@ -200,7 +201,8 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = D
               disable=not progress) as bar:
         for i in range(0, num_samples, batch_size):
             batches.append(pipe([c for c, _ in scenes[i:i + batch_size]], num_inference_steps=num_inference_steps,
-                                guidance_scale=guidance_scale, sampler=sampler, generator=generator,
+                                guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                sampler=sampler, generator=generator,
                                 output_type="pt", progress=progress, precision=precision).images)
             bar.update(len(batches[-1]))
             bar.set_postfix(s_per_image=f"{(time.perf_counter() - start) / (i + len(batches[-1])):.2f}")
@@ -209,7 +211,7 @@ def evaluate_pipeline(pipe, num_samples: int = 256, num_inference_steps: int = D
     real_images = torch.stack([real[i]["image"] for i in range(num_samples)])
     row = evaluate_samples(images, [a for _, a in scenes], real_images, judge)
     return {**row, "split": split, "phrasing": phrasing, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "sampler": sampler,
+            "guidance_scale": guidance_scale, "guidance_interval": list(guidance_interval), "sampler": sampler,
             "precision": "bf16" if pipe.uses_bf16(precision) else "fp32", "sample_s_per_image": elapsed / num_samples}
 
 

@@ -29,7 +29,8 @@ from .diffusion import DiffusionConfig
 from .images import to_pil
 from .memory import check_fits
 from .nested import NestedUNet, NestedUNetConfig
-from .samplers import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, sample
+from .samplers import (DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, check_guidance_interval,
+                       sample)
 from .text import TextEncoder
 
 
@@ -111,12 +112,15 @@ class MDMPipeline:
         return choose_precision(precision, self.device)[0]
 
     def __call__(self, prompt: str | list[str], num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = 3.0,
-                 sampler: str = DEFAULT_SAMPLER, eta: float = 0.0, num_images_per_prompt: int = 1,
+                 guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL, sampler: str = DEFAULT_SAMPLER,
+                 eta: float = 0.0, num_images_per_prompt: int = 1,
                  seed: int | None = 0, generator: torch.Generator | None = None, output_type: str = "pil",
                  return_trajectory: bool = False, progress: bool = False, precision: str = "auto") -> PipelineOutput:
         """Generate num_images_per_prompt images for each prompt (same order, repeats adjacent).
 
-        guidance_scale: classifier-free guidance weight (1 = none); sampler: "dpmpp" (DPM-Solver++(2M)),
+        guidance_scale: classifier-free guidance weight (1 = none); guidance_interval (low, high): the
+        times t in [0, 1] (1: pure noise) of the guided steps, the others conditional only
+        (`mdm_lite.samplers`; (0, 1): every step); sampler: "dpmpp" (DPM-Solver++(2M)),
         "ddim" or "ddpm" (`mdm_lite.samplers`); seed: fixes the noise (ignored when a generator is
         given); output_type "pil" or "pt"; progress: a progress bar over the steps; precision:
         "fp32", "bf16" (the network under autocast; the sampler's arithmetic stays fp32) or "auto"
@@ -130,6 +134,7 @@ class MDMPipeline:
                    "precision": precision}
         for name, value in options.items():
             check_value(name, value, SAMPLING_OPTIONS[name])
+        check_guidance_interval(guidance_interval)
         check_fits(self.model.config, self.device, images=len(prompts) * num_images_per_prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if generator is None:
@@ -139,7 +144,8 @@ class MDMPipeline:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.uses_bf16(precision)):
             out = sample(self.model, self.resolutions, self.diffusion, text.tokens, text.mask,
                          null_tokens=null.tokens, null_mask=null.mask, num_steps=num_inference_steps,
-                         sampler=sampler, eta=eta, guidance_scale=guidance_scale, generator=generator,
+                         sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                         guidance_interval=guidance_interval, generator=generator,
                          device=self.device, return_trajectory=return_trajectory, progress=progress)
         levels, trajectory = out if return_trajectory else (out, None)
         levels = [x.float().cpu() for x in levels]

@@ -11,10 +11,22 @@ Samplers:
 - "dpmpp", DPM-Solver++(2M) (Lu et al. 2022, arXiv 2211.01095, Algorithm 2): a second-order
   multistep solver of the diffusion ODE in its data-prediction form, as diffusers'
   ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2)``. It reuses the
-  previous step's x0 estimate instead of a second network call. The default, at 20 steps (the
-  README's "Measured" section compares it with DDIM at 50 on the shipped checkpoint).
+  previous step's x0 estimate instead of a second network call. The default, at 15 steps.
 - "ddim" (Song et al. 2021): first order; eta = 0 deterministic, eta = 1 the DDPM posterior.
 - "ddpm" (Ho et al. 2020): ancestral sampling from q(z_s | z_t, x0).
+
+Classifier-free guidance runs only where it pays: at the steps whose time t lies in
+`guidance_interval` (Kynkaanniemi et al. 2024, arXiv 2404.07724, guidance in a limited interval).
+The layout a prompt asks for is settled at high noise; near the data (small t) the conditional and
+unconditional predictions agree on it, and guidance only pushes the images off the data
+distribution. There the network runs on the conditional half alone, half the batch. The default,
+t in [0.4, 1], guides 10 of 15 steps.
+
+The defaults, measured on the shipped checkpoint (`mdm-lite eval --num_samples 256`, bf16; the
+README's "Measured" section): DPM-Solver++ 15 guided at t >= 0.4 scores the prompt accuracy of
+DDIM 50 guided at every step (0.98 / 0.94 / 0.98 against 0.97 / 0.93 / 0.98 on training-style
+prompts, new phrasings, new pairs) at under half its judge FD (87 / 86 / 136 against 200 / 177 /
+202), with 25 images' worth of network calls per image against 100.
 
 Sampling runs under `torch.inference_mode()`: no autograd records, no version counters.
 """
@@ -27,12 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .config_check import ConfigError
 from .diffusion import DiffusionConfig
 from .schedule import alpha_sigma, discrete_timesteps, eps_from_x0, expand_to, predict_x0_eps
 
 SAMPLERS = ("dpmpp", "ddim", "ddpm")
 DEFAULT_SAMPLER = "dpmpp"
-DEFAULT_STEPS = 20
+DEFAULT_STEPS = 15
+DEFAULT_GUIDANCE_INTERVAL = (0.4, 1.0)
 
 
 def _pad_to(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -44,24 +58,39 @@ def _pad_to(tokens: Tensor, mask: Tensor, length: int) -> tuple[Tensor, Tensor]:
 
 
 def _guided(model, tokens, mask, null_tokens, null_mask, scale: float) -> Callable:
-    """The model under classifier-free guidance, as (zs, t) -> predictions f_uncond + scale * (f_cond - f_uncond).
+    """The model under classifier-free guidance, as (zs, t, guide) -> predictions
+    f_uncond + scale * (f_cond - f_uncond) where guide is True, the conditional predictions f_cond
+    alone where it is False (a step outside the guidance interval).
 
     Both halves run in one batch of 2B; the prompts and the empty prompt are batched once, not at
-    every step. tokens (B, L, D), mask (B, L); null_tokens (1, L0, D), null_mask (1, L0).
+    every step. tokens (B, L, D), mask (B, L); null_tokens (1, L0, D), null_mask (1, L0); t (B,).
     """
     if scale == 1.0 or tokens is None:
-        return lambda zs, t: model(zs, t, tokens, mask)
+        return lambda zs, t, guide: model(zs, t, tokens, mask)
     b = tokens.shape[0]
     length = max(tokens.shape[1], null_tokens.shape[1])
-    tokens, mask = _pad_to(tokens, mask, length)
+    both = _pad_to(tokens, mask, length)
     null_tokens, null_mask = _pad_to(null_tokens.expand(b, -1, -1), null_mask.expand(b, -1), length)
-    tokens, mask = torch.cat([tokens, null_tokens]), torch.cat([mask, null_mask])
+    both_tokens, both_mask = torch.cat([both[0], null_tokens]), torch.cat([both[1], null_mask])
 
-    def guided(zs: list[Tensor], t: Tensor) -> list[Tensor]:
-        outs = model([torch.cat([z, z]) for z in zs], torch.cat([t, t]), tokens, mask)
+    def guided(zs: list[Tensor], t: Tensor, guide: bool) -> list[Tensor]:
+        if not guide:
+            return model(zs, t, tokens, mask)
+        outs = model([torch.cat([z, z]) for z in zs], torch.cat([t, t]), both_tokens, both_mask)
         return [u + scale * (c - u) for c, u in (o.chunk(2) for o in outs)]
 
     return guided
+
+
+def check_guidance_interval(interval, name: str = "guidance_interval") -> None:
+    """Raise ConfigError, naming `name`, unless `interval` is two times 0 <= low <= high <= 1."""
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        low = high = float("nan")
+    if not 0.0 <= low <= high <= 1.0:
+        raise ConfigError(f"{name} {interval!r} is not two times 0 <= low <= high <= 1: give e.g. 0.4 1 (guidance "
+                          "from pure noise down to t = 0.4), or 0 1 to guide every step")
 
 
 def _noise(shape, generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -82,14 +111,17 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
            tokens: Tensor | None = None, mask: Tensor | None = None, *,
            null_tokens: Tensor | None = None, null_mask: Tensor | None = None,
            batch_size: int | None = None, num_steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER,
-           eta: float = 0.0, guidance_scale: float = 1.0, clip_sample: bool = True,
+           eta: float = 0.0, guidance_scale: float = 1.0,
+           guidance_interval: tuple[float, float] = DEFAULT_GUIDANCE_INTERVAL, clip_sample: bool = True,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            return_trajectory: bool = False, progress: bool = False):
     """Sample every level of the pyramid jointly.
 
     tokens: (B, L, D) and mask (B, L) of the prompts, or None for an unconditional model (then give
     batch_size). null_tokens (1, L0, D) / null_mask (1, L0): the empty prompt, needed when
-    guidance_scale != 1. sampler: one of SAMPLERS (see the module docstring); eta: DDIM's noise.
+    guidance_scale != 1. guidance_interval (low, high): the times t in [0, 1] (1: pure noise) of the
+    steps that are guided; the others run the conditional prediction alone (module docstring).
+    sampler: one of SAMPLERS (see the module docstring); eta: DDIM's noise.
     clip_sample clips the predicted x0 to [-1, 1] at every step, as the MDM reference does.
     progress: a progress bar over the steps (it disappears when done).
 
@@ -101,6 +133,7 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
         raise ValueError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
     if guidance_scale != 1.0 and tokens is not None and null_tokens is None:
         raise ValueError("guidance_scale != 1 needs null_tokens/null_mask, the encoding of the empty prompt")
+    check_guidance_interval(guidance_interval)
     device = torch.device(device)
     b = tokens.shape[0] if tokens is not None else batch_size
     zs = [_noise((b, 3, r, r), generator, device) for r in resolutions]
@@ -108,9 +141,13 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     logsnrs = [config.logsnr(times, r) for r in resolutions]  # per level, (T + 1,): the whole schedule, once
     previous_x0s: list[Tensor] | None = None  # DPM-Solver++(2M)'s estimates of the last step
     denoiser = _guided(model, tokens, mask, null_tokens, null_mask, guidance_scale)
+    # Which steps are guided, decided on the host (no device sync per step), inclusive to rounding:
+    # t_i = 1 - i / T in float64, so that t = 0.4 of a 25-step grid counts as 0.4.
+    low, high = guidance_interval
+    guided_steps = [low - 1e-9 <= 1 - i / num_steps <= high + 1e-9 for i in range(num_steps)]
     trajectory = []
     for i in tqdm(range(num_steps), desc=f"{sampler} steps", unit="step", disable=not progress, leave=False):
-        preds = denoiser(zs, times[i].expand(b))
+        preds = denoiser(zs, times[i].expand(b), guided_steps[i])
         x0s = []
         for k, (z, pred) in enumerate(zip(zs, preds)):
             logsnr_t, logsnr_s = logsnrs[k][i], logsnrs[k][i + 1]

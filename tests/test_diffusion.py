@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from mdm_lite import (DiffusionConfig, NestedUNet, NestedUNetConfig, UNetConfig, drop_captions, image_pyramid,
                       multires_loss)
+from mdm_lite.config_check import ConfigError
 from mdm_lite.samplers import ddim_step, ddpm_step, dpmpp_2m_step, sample
 from mdm_lite.schedule import add_noise, alpha_sigma, cosine_logsnr
 
@@ -431,3 +432,52 @@ def test_guidance_extrapolates_from_the_unconditional_prediction():
     for x, z, r in zip(images, noise, [16, 8]):
         alpha, sigma = alpha_sigma(config.logsnr(torch.tensor(1.0), r))
         torch.testing.assert_close(x, alpha * z - sigma * (-0.5 + w * 1.5))
+
+
+def test_guidance_runs_only_inside_its_interval():
+    # A model that records the batch and time of each call and predicts the first feature of the
+    # first token (1 for the prompt, -0.5 for the empty one). Four steps at t = 1, 3/4, 1/2, 1/4:
+    # the interval [0.5, 1] guides the first three in one batch of 2B, the last runs the prompts alone.
+    calls = []
+
+    def model(zs, t, tokens, mask):
+        calls.append((zs[0].shape[0], float(t[0])))
+        return [tokens[:, 0, 0].reshape(-1, 1, 1, 1).expand_as(z) for z in zs]
+
+    tokens, mask = torch.ones(2, 5, TEXT_DIM), torch.ones(2, 5, dtype=torch.bool)
+    null_tokens, null_mask = torch.full((1, 3, TEXT_DIM), -0.5), torch.ones(1, 3, dtype=torch.bool)
+    options = dict(null_tokens=null_tokens, null_mask=null_mask, num_steps=4, guidance_scale=3.0, clip_sample=False)
+    _, trajectory = sample(model, [16, 8], DiffusionConfig(), tokens, mask, guidance_interval=(0.5, 1.0),
+                           generator=torch.Generator().manual_seed(0), return_trajectory=True, **options)
+    assert calls == [(4, 1.0), (4, 0.75), (4, 0.5), (2, 0.25)]
+    assert [step["t"] for step in trajectory] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    calls.clear()  # the end points count to rounding: t = 0.4 of a 25-step grid is 0.39999998 in float32
+    sample(model, [16, 8], DiffusionConfig(), tokens, mask, guidance_interval=(0.4, 1.0), **options | {"num_steps": 25})
+    assert [batch for batch, _ in calls] == [4] * 16 + [2] * 9
+
+
+@pytest.mark.parametrize("interval, same_as", [((0.0, 1.0), "every step guided"), ((0.9, 0.95), "guidance 1")])
+def test_a_guidance_interval_over_all_steps_or_none_is_guidance_everywhere_or_nowhere(interval, same_as):
+    """(0, 1) is classifier-free guidance at every step, bit for bit; an interval between the steps'
+    times (1, 2/3, 1/3) guides none: the samples of guidance_scale 1."""
+    model, (tokens, mask) = tiny_model(), prompts(2, 5)
+    null_tokens, null_mask = torch.zeros(1, 2, TEXT_DIM), torch.ones(1, 2, dtype=torch.bool)
+
+    def draw(scale, window):
+        return sample(model, [16, 8], DiffusionConfig(), tokens, mask, null_tokens=null_tokens, null_mask=null_mask,
+                      num_steps=3, guidance_scale=scale, guidance_interval=window,
+                      generator=torch.Generator().manual_seed(0))
+
+    expected = draw(3.0, (0.0, 1.0)) if same_as == "every step guided" else draw(1.0, (0.0, 1.0))
+    got = draw(3.0, interval)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert not all(torch.equal(a, b) for a, b in zip(got, draw(3.0, (0.5, 1.0))))
+
+
+@pytest.mark.parametrize("interval", [(0.5, 0.4), (-0.1, 1.0), (0.0, 1.5), (float("nan"), 1.0), (0.4,), "0.4 1"])
+def test_a_guidance_interval_outside_zero_one_is_refused_with_the_fix(interval):
+    model, (tokens, mask) = tiny_model(), prompts(2, 5)
+    with pytest.raises(ConfigError, match=r"guidance_interval .* 0 <= low <= high <= 1: give e.g. 0.4 1"):
+        sample(model, [16, 8], DiffusionConfig(), tokens, mask, null_tokens=torch.zeros(1, 2, TEXT_DIM),
+               null_mask=torch.ones(1, 2, dtype=torch.bool), num_steps=2, guidance_scale=3.0,
+               guidance_interval=interval)

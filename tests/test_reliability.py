@@ -271,6 +271,8 @@ def _with_weights(tmp, run_dir, fill) -> Path:
     (("--guidance_scale", "inf"), ["--guidance_scale", "finite"]),
     (("--eta", "nan"), ["--eta", "finite"]),
     (("--eta", "-1"), ["--eta", ">= 0"]),
+    (("--guidance_interval", "0.6", "0.4"), ["--guidance_interval", "0 <= low <= high <= 1", "0 1"]),
+    (("--guidance_interval", "nan", "1"), ["--guidance_interval", "0 <= low <= high <= 1"]),
     ("NaN weights", ["non-finite weights"]),
     ("weights of 1e30", ["non-finite outputs"]),
 ])
