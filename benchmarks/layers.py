@@ -13,8 +13,8 @@ times each against the plain form it replaced (the reference of each ratio):
   channels-first, so only the sampling row shows it).
 
 Each layer fwd + bwd at the preset's shapes, then the whole step (forward, backward, AdamW:
-train_step.py's) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3) with all plain forms against all
-fast ones, fp32 and bf16 autocast, round by round; medians. It also prints the largest difference
+train_step.py's) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3 at every step) with
+all plain forms against all fast ones, fp32 and bf16 autocast, round by round; medians. It also prints the largest difference
 between the two forms' outputs (fp32: rounding only).
 
     python benchmarks/layers.py [--batch_size 16] [--rounds 5] [--threads N] [--clock wall|cpu]
@@ -112,7 +112,7 @@ def sampling_run(model: NestedUNet, num_images: int, dtype: str, plain: bool):
         with forms(plain), autocast(dtype):
             sample(model, model.config.resolutions, DiffusionConfig(), tokens, mask, null_tokens=null_tokens,
                    null_mask=null_mask, num_steps=20, sampler="dpmpp", guidance_scale=3.0,
-                   generator=torch.Generator().manual_seed(0))
+                   guidance_interval=(0.0, 1.0), generator=torch.Generator().manual_seed(0))
     return run
 
 
