@@ -35,7 +35,7 @@ from .checkpoint import resolve_checkpoint
 from .data import ShapesDataset
 from .images import to_pil
 from .pipeline import MDMPipeline
-from .samplers import DEFAULT_SAMPLER, SAMPLERS
+from .samplers import DEFAULT_GUIDANCE_INTERVAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
 DISPLAY_SIZE = 256  # every level is shown at this side, upscaled without smoothing
 FRAME_SIZE = 128  # a level's side in a frame of the trajectory animation
@@ -124,7 +124,7 @@ class Demo:
         levels = [upscale(level[0], DISPLAY_SIZE) for level in out.levels]
         return (*levels, str(self._animate(out.trajectory)),
                 f"{seconds:.2f} s/image on {self.pipeline.device.type} ({steps} {sampler} steps, guidance "
-                f"{guidance:g}, seed {seed})")
+                f"{guidance:g} at t >= {DEFAULT_GUIDANCE_INTERVAL[0]:g}, seed {seed})")
 
     def _animate(self, trajectory: list[dict]) -> Path:
         frames = trajectory_frames(trajectory)
@@ -148,7 +148,7 @@ class Demo:
                                     scale=4, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
             with gr.Row():
-                steps = gr.Slider(1, MAX_STEPS, value=25, step=1, label="Steps")
+                steps = gr.Slider(1, MAX_STEPS, value=DEFAULT_STEPS, step=1, label="Steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=3.0, step=0.5, label="Guidance (1: none)")
                 seed = gr.Slider(0, MAX_SEED, value=0, step=1, label="Seed")
                 sampler = gr.Radio(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")

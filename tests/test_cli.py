@@ -200,10 +200,10 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
 @pytest.mark.parametrize("command, shown", [
     ("train", ["--max_steps MAX_STEPS", "(cpu preset: 300)", "--lr LR", "(cpu preset: 0.002)",
                "(cpu preset: 1.0)", "(cpu preset: 0.0 1.0)"]),
-    ("sample", ["(default: 20)", "(default: dpmpp)", "(default: auto)", "(default: generated)", "(default: 0)",
-                "or shapes (the one shipped in the package)"]),
+    ("sample", ["(default: 15)", "(default: [0.4, 1.0])", "(default: dpmpp)", "(default: auto)",
+                "(default: generated)", "(default: 0)", "or shapes (the one shipped in the package)"]),
     ("eval", ["(default: 256)", "(default: ['train', 'phrasing', 'pairs'])", "(default: eval.json)",
-              "(default: 20)", "(default: dpmpp)", "(default: auto)"]),
+              "(default: 15)", "(default: [0.4, 1.0])", "(default: dpmpp)", "(default: auto)"]),
     ("demo", ["(default: shapes)", "(default: 7860)", "(default: 127.0.0.1)"]),
 ])
 def test_help_shows_every_default(command, shown, capsys):
