@@ -26,7 +26,8 @@ The defaults, measured on the shipped checkpoint (`mdm-lite eval --num_samples 2
 README's "Measured" section): DPM-Solver++ 15 guided at t >= 0.4 scores the prompt accuracy of
 DDIM 50 guided at every step (0.98 / 0.94 / 0.98 against 0.97 / 0.93 / 0.98 on training-style
 prompts, new phrasings, new pairs) at under half its judge FD (87 / 86 / 136 against 200 / 177 /
-202), with 25 images' worth of network calls per image against 100.
+202), with 25 images' worth of network calls per image against 100. Those are Shapes figures; for
+a model of other data, compare its samples (`metrics.inception_fid`) with guidance_interval (0, 1).
 
 Sampling runs under `torch.inference_mode()`: no autograd records, no version counters.
 """
