@@ -14,8 +14,8 @@ times each against the plain form it replaced (the reference of each ratio):
 
 Each layer fwd + bwd at the preset's shapes, then the whole step (forward, backward, AdamW:
 train_step.py's) and sampling (16 images, DPM-Solver++ 20 steps, guidance 3 at every step) with
-all plain forms against all fast ones, fp32 and bf16 autocast, round by round; medians. It also prints the largest difference
-between the two forms' outputs (fp32: rounding only).
+all plain forms against all fast ones, fp32 and bf16 autocast, round by round; medians. It also
+prints the largest difference between the two forms' outputs (fp32: rounding only).
 
     python benchmarks/layers.py [--batch_size 16] [--rounds 5] [--threads N] [--clock wall|cpu]
 """

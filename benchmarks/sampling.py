@@ -6,9 +6,10 @@ each of DDIM 50, DDIM 20, DPM-Solver++(2M) 20 guided at every step, and DPM-Solv
 guided at t >= 0.4 only (the default guidance interval: the other steps run N images), in fp32 and
 under bf16 autocast (as `MDMPipeline(precision="bf16")`). The runs go round by round, every run
 once per round, so that other jobs on the machine slow all of them alike; each time is the median
-over the rounds, and the speeds are given against DDIM 50 in fp32. --clock cpu times this process's CPU time instead
-of the wall clock (with --threads 1 on a shared machine: only the time it computed). Prints the
-peak memory (max RSS) after the first run alone (sampling num_images images) and at the end.
+over the rounds, and the speeds are given against DDIM 50 in fp32. --clock cpu times this
+process's CPU time instead of the wall clock (with --threads 1 on a shared machine: only the time
+it computed). Prints the peak memory (max RSS) after the first run alone (sampling num_images
+images) and at the end.
 
     python benchmarks/sampling.py [--num_images 16] [--rounds 3] [--runs ddim:50 dpmpp:20 ...]
         [--precisions fp32 bf16] [--threads N] [--clock wall|cpu] [--flat]

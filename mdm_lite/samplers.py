@@ -70,9 +70,9 @@ def _guided(model, tokens, mask, null_tokens, null_mask, scale: float) -> Callab
         return lambda zs, t, guide: model(zs, t, tokens, mask)
     b = tokens.shape[0]
     length = max(tokens.shape[1], null_tokens.shape[1])
-    both = _pad_to(tokens, mask, length)
+    padded_tokens, padded_mask = _pad_to(tokens, mask, length)
     null_tokens, null_mask = _pad_to(null_tokens.expand(b, -1, -1), null_mask.expand(b, -1), length)
-    both_tokens, both_mask = torch.cat([both[0], null_tokens]), torch.cat([both[1], null_mask])
+    both_tokens, both_mask = torch.cat([padded_tokens, null_tokens]), torch.cat([padded_mask, null_mask])
 
     def guided(zs: list[Tensor], t: Tensor, guide: bool) -> list[Tensor]:
         if not guide:
@@ -138,14 +138,15 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     device = torch.device(device)
     b = tokens.shape[0] if tokens is not None else batch_size
     zs = [_noise((b, 3, r, r), generator, device) for r in resolutions]
-    times = discrete_timesteps(num_steps, device=device)
+    host_times = discrete_timesteps(num_steps)
+    times = host_times.to(device)
     logsnrs = [config.logsnr(times, r) for r in resolutions]  # per level, (T + 1,): the whole schedule, once
     previous_x0s: list[Tensor] | None = None  # DPM-Solver++(2M)'s estimates of the last step
     denoiser = _guided(model, tokens, mask, null_tokens, null_mask, guidance_scale)
-    # Which steps are guided, decided on the host (no device sync per step), inclusive to rounding:
-    # t_i = 1 - i / T in float64, so that t = 0.4 of a 25-step grid counts as 0.4.
+    # Which steps are guided, decided once on the host (no device sync per step), the ends inclusive
+    # to float32 rounding: t = 0.4 of a 25-step grid is 0.39999998.
     low, high = guidance_interval
-    guided_steps = [low - 1e-9 <= 1 - i / num_steps <= high + 1e-9 for i in range(num_steps)]
+    guided_steps = [low - 1e-6 <= t <= high + 1e-6 for t in host_times[:-1].tolist()]
     trajectory = []
     for i in tqdm(range(num_steps), desc=f"{sampler} steps", unit="step", disable=not progress, leave=False):
         preds = denoiser(zs, times[i].expand(b), guided_steps[i])
