@@ -245,6 +245,18 @@ PRECISION_HELP = ("the network in bf16 (autocast) or fp32; auto: bf16 where the 
                   "(a GPU of compute capability 8+, a CPU with AMX), as training does")
 
 
+
+def _add_sampler_options(command: argparse.ArgumentParser) -> None:
+    """The sampler's options, which `sample` and `eval` share: steps, guidance, interval, sampler."""
+    command.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS,
+                         help="denoising steps per image (network calls)")
+    command.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
+    command.add_argument("--guidance_interval", type=float, nargs=2, default=list(DEFAULT_GUIDANCE_INTERVAL),
+                         metavar=("LOW", "HIGH"), help="guide the steps at times t in [LOW, HIGH] (1: pure noise), "
+                         "the others conditional only (0 1: every step)")
+    command.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                         help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
+
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help that ends with "(default: X)", except for flags, required options and help that names its default."""
 
@@ -293,13 +305,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts", nargs="+", help="one or more prompts, each in quotes")
     s.add_argument("--prompts_file", help="a text file with one prompt per line")
     s.add_argument("--output_dir", default="generated", help="where sample_0000.png, ... and grid.png go")
-    s.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="denoising steps (network calls)")
-    s.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
-    s.add_argument("--guidance_interval", type=float, nargs=2, default=list(DEFAULT_GUIDANCE_INTERVAL),
-                   metavar=("LOW", "HIGH"), help="guide the steps at times t in [LOW, HIGH] (1: pure noise), the "
-                   "others conditional only (0 1: every step)")
-    s.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                   help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
+    _add_sampler_options(s)
     s.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 deterministic, 1 DDPM-like)")
     s.add_argument("--num_per_prompt", type=int, default=1, help="images per prompt")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images")
@@ -322,13 +328,7 @@ def parser() -> argparse.ArgumentParser:
                          formatter_class=_ShowDefaults)
     e.add_argument("--checkpoint", required=True, help="checkpoint directory, output_dir, or shapes (the shipped one)")
     e.add_argument("--num_samples", type=int, default=256, help="images to generate and judge")
-    e.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="sampler steps per image")
-    e.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (1: none)")
-    e.add_argument("--guidance_interval", type=float, nargs=2, default=list(DEFAULT_GUIDANCE_INTERVAL),
-                   metavar=("LOW", "HIGH"), help="guide the steps at times t in [LOW, HIGH] (1: pure noise), the "
-                   "others conditional only (0 1: every step)")
-    e.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
-                   help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
+    _add_sampler_options(e)
     e.add_argument("--seed", type=int, default=0, help="seed of the prompts and the noise")
     e.add_argument("--device", default="auto", help="cpu, cuda or auto")
     e.add_argument("--prompts", nargs="+", default=list(PROMPT_SETS), choices=tuple(PROMPT_SETS),
