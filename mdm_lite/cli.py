@@ -245,7 +245,6 @@ PRECISION_HELP = ("the network in bf16 (autocast) or fp32; auto: bf16 where the 
                   "(a GPU of compute capability 8+, a CPU with AMX), as training does")
 
 
-
 def _add_sampler_options(command: argparse.ArgumentParser) -> None:
     """The sampler's options, which `sample` and `eval` share: steps, guidance, interval, sampler."""
     command.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS,
@@ -256,6 +255,7 @@ def _add_sampler_options(command: argparse.ArgumentParser) -> None:
                          "the others conditional only (0 1: every step)")
     command.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                          help="reverse process: dpmpp (DPM-Solver++(2M)), ddim or ddpm")
+
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
     """Help that ends with "(default: X)", except for flags, required options and help that names its default."""
