@@ -124,7 +124,7 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     steps that are guided; the others run the conditional prediction alone (module docstring).
     sampler: one of SAMPLERS (see the module docstring); eta: DDIM's noise.
     clip_sample clips the predicted x0 to [-1, 1] at every step, as the MDM reference does.
-    progress: a progress bar over the steps (it disappears when done).
+    progress: a progress bar over the steps, named with the number of images (it disappears when done).
 
     Returns a list of images (B, 3, R_k, R_k) in [-1, 1] (unclipped if clip_sample is False),
     largest first; with return_trajectory, also a list over steps of dicts
@@ -148,7 +148,7 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     low, high = guidance_interval
     guided_steps = [low - 1e-6 <= t <= high + 1e-6 for t in host_times[:-1].tolist()]
     trajectory = []
-    for i in tqdm(range(num_steps), desc=f"{sampler} steps", unit="step", disable=not progress, leave=False):
+    for i in tqdm(range(num_steps), desc=f"{sampler} steps, {b} image{'s' if b > 1 else ''}", unit="step", disable=not progress, leave=False):
         preds = denoiser(zs, times[i].expand(b), guided_steps[i])
         x0s = []
         for k, (z, pred) in enumerate(zip(zs, preds)):

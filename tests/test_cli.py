@@ -179,9 +179,9 @@ def test_sample_shows_a_progress_bar_unless_no_progress_and_reports_seconds_per_
     for flag in ([], ["--no_progress"]):
         status, err, out = _call(capsys, "sample", "--checkpoint", run.config.output_dir, "--prompts", "a red circle",
                                  "--output_dir", tmp_path / "out", "--num_inference_steps", 3, "--sampler", "dpmpp",
-                                 *flag)
+                                 "--num_per_prompt", 2, *flag)
         assert status == 0
-        assert ("dpmpp steps" in "".join(err)) == (not flag)  # tqdm draws on stderr
+        assert ("dpmpp steps, 2 images" in "".join(err)) == (not flag)  # tqdm draws on stderr
         assert re.search(r"3 dpmpp steps in (fp32|bf16), [0-9.]+ s \([0-9.]+ s/image\)", out), out
 
 
