@@ -6,7 +6,10 @@ Models, each in fp32 and under bf16 autocast, all in one process:
 - diffusers' UNet2DConditionModel of about as many parameters (2.49M for the cpu preset's 2.50M:
   4 levels 64/32/16/8 of 36/72/72/72 channels, one ResNet block per level, cross-attention at
   8x8), trained on the same v target with the same optimizer, when diffusers is installed;
-- with --flat, the single-level UNet of the same size (`flat_baseline`).
+- with --flat, the single-level UNet of the same size (`flat_baseline`);
+- with --shells C:N ..., the preset's NestedUNet with lighter (or heavier) shells: C channels and N
+  down-path blocks per shell (`shell_channels`, `shell_num_res_blocks`), the core unchanged, each
+  timed against the preset in the same dtype.
 
 The timed steps run round by round, every model and dtype once per round, so that other jobs on
 the machine slow all of them alike; each speed is the median over the rounds. --clock cpu times
@@ -18,9 +21,11 @@ torch.utils.flop_counter), the fraction of the matmul peak measured in the same 
 NestedUNet's first steps alone (that is the memory of training it), and at the end.
 
     python benchmarks/train_step.py [--batch_size 16] [--rounds 3] [--steps 2] [--preset cpu]
-        [--dtypes fp32 bf16] [--flat] [--no_diffusers] [--compile] [--threads N] [--clock wall|cpu]
+        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:0] [--no_diffusers] [--compile] [--threads N]
+        [--clock wall|cpu]
 """
 import argparse
+import dataclasses
 import resource
 import statistics
 import time
@@ -91,6 +96,15 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
     return step
 
 
+def shell(text: str) -> tuple[int, int]:
+    """--shells' C:N as (shell_channels, shell_num_res_blocks)."""
+    try:
+        channels, blocks = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNELS:BLOCKS, e.g. 8:0") from None
+    return channels, blocks
+
+
 def matmul_peak(dtype: torch.dtype, clock, size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` size^3 matrix products."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
@@ -111,6 +125,8 @@ def main():
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--flat", action="store_true", help="also the single-level UNet of the same size")
+    parser.add_argument("--shells", nargs="+", type=shell, default=[], metavar="C:N",
+                        help="also the NestedUNet with shells of C channels and N down-path blocks")
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
     parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
     add_clock_options(parser)
@@ -136,6 +152,9 @@ def main():
         models["diffusers"] = unet
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
+    for channels, blocks in args.shells:
+        models[f"shells {channels}:{blocks}"] = NestedUNet(dataclasses.replace(
+            nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks))
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
@@ -157,11 +176,14 @@ def main():
               f"{speed[key] * flops / peaks[dtype]:5.1%} of the {dtype} matmul peak")
     reference = ("nested", args.dtypes[0])
     for key, ips in speed.items():
-        if key != reference:
+        if key != reference and not key[0].startswith("shells"):  # shells: against the preset below
             print(f"ratio {key[0]}/{key[1]} vs {reference[0]}/{reference[1]}: {ips / speed[reference]:.2f}x")
     ours = ["nested"] + ["nested+compile"] * args.compile
     for name in models:
-        if name != "nested":
+        if name.startswith("shells"):  # a variant of ours: its speed against the preset's
+            for dtype in args.dtypes:
+                print(f"ratio {name} vs nested, {dtype}: {speed[name, dtype] / speed['nested', dtype]:.2f}x")
+        elif name != "nested":
             for dtype in args.dtypes:
                 for mine in ours:
                     print(f"ratio {mine} vs {name}, {dtype}: {speed[mine, dtype] / speed[name, dtype]:.2f}x")
