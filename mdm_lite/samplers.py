@@ -148,7 +148,8 @@ def sample(model: Callable, resolutions: Sequence[int], config: DiffusionConfig,
     low, high = guidance_interval
     guided_steps = [low - 1e-6 <= t <= high + 1e-6 for t in host_times[:-1].tolist()]
     trajectory = []
-    for i in tqdm(range(num_steps), desc=f"{sampler} steps, {b} image{'s' if b > 1 else ''}", unit="step", disable=not progress, leave=False):
+    bar = f"{sampler} steps, {b} image{'s' if b > 1 else ''}"
+    for i in tqdm(range(num_steps), desc=bar, unit="step", disable=not progress, leave=False):
         preds = denoiser(zs, times[i].expand(b), guided_steps[i])
         x0s = []
         for k, (z, pred) in enumerate(zip(zs, preds)):
