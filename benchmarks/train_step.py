@@ -152,9 +152,9 @@ def main():
         models["diffusers"] = unet
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
-    for channels, blocks in args.shells:
-        models[f"shells {channels}:{blocks}"] = NestedUNet(dataclasses.replace(
-            nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks))
+    variants = [f"shells {channels}:{blocks}" for channels, blocks in args.shells]  # ours, other shells
+    for name, (channels, blocks) in zip(variants, args.shells):
+        models[name] = NestedUNet(dataclasses.replace(nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks))
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
@@ -176,11 +176,11 @@ def main():
               f"{speed[key] * flops / peaks[dtype]:5.1%} of the {dtype} matmul peak")
     reference = ("nested", args.dtypes[0])
     for key, ips in speed.items():
-        if key != reference and not key[0].startswith("shells"):  # shells: against the preset below
+        if key != reference and key[0] not in variants:  # variants: against the preset below
             print(f"ratio {key[0]}/{key[1]} vs {reference[0]}/{reference[1]}: {ips / speed[reference]:.2f}x")
     ours = ["nested"] + ["nested+compile"] * args.compile
     for name in models:
-        if name.startswith("shells"):  # a variant of ours: its speed against the preset's
+        if name in variants:  # its speed against the preset's, dtype by dtype
             for dtype in args.dtypes:
                 print(f"ratio {name} vs nested, {dtype}: {speed[name, dtype] / speed['nested', dtype]:.2f}x")
         elif name != "nested":
