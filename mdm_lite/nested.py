@@ -22,8 +22,9 @@ from typing import Annotated
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from .config_check import ConfigError, NonNegative, Positive, check_fields
+from .config_check import ConfigError, NonNegative, OneOf, Positive, check_fields
 from .unet import UNet, UNetConfig, batch_timesteps, zero_module
 
 
@@ -37,6 +38,12 @@ class NestedUNetConfig:
         inner: the innermost UNet; its `resolution` is set to image_size / 2**(num_levels - 1).
         shell_channels, shell_num_res_blocks: each shell is a UNet with channel_mult (1, 2), no
             attention and no middle blocks, so it halves the resolution exactly once.
+        outer_patch: 1, or 2: the outermost shell reads and writes 2x2 blocks of pixels as 12
+            channels (space-to-depth, the "patching" of Simple Diffusion, Hoogeboom et al. 2023,
+            which keeps high-resolution feature maps out of the network), so it works at half the
+            resolution from its input conv on, with twice the channels (2 * shell_channels) and
+            channel_mult (1,): no down- or upsampling, its bottleneck at the inner level's side.
+            The inner shells are unchanged.
     """
 
     image_size: Annotated[int, Positive] = 64
@@ -44,6 +51,7 @@ class NestedUNetConfig:
     inner: UNetConfig = field(default_factory=UNetConfig)
     shell_channels: Annotated[int, Positive] = 32
     shell_num_res_blocks: Annotated[int, NonNegative] = 1
+    outer_patch: Annotated[int, OneOf(1, 2)] = 1
 
     def __post_init__(self):
         check_fields(self)
@@ -64,20 +72,23 @@ class NestedUNetConfig:
 
     def inner_levels(self) -> "NestedUNetConfig":
         """The config of the NestedUNet nested inside this one's outermost shell."""
-        return dataclasses.replace(self, image_size=self.image_size // 2, num_levels=self.num_levels - 1)
+        return dataclasses.replace(self, image_size=self.image_size // 2, num_levels=self.num_levels - 1,
+                                   outer_patch=1)
 
     def same_network(self, other: "NestedUNetConfig") -> bool:
         """Whether `other` builds the same network. A one-level model has no shell, so its
-        shell_channels and shell_num_res_blocks are ignored: its checkpoints grow into, and resume
-        as, a model of any shell (a recipe's first stages are one-level runs)."""
+        shell_channels, shell_num_res_blocks and outer_patch are ignored: its checkpoints grow into,
+        and resume as, a model of any shell (a recipe's first stages are one-level runs)."""
         if self.num_levels == 1 == other.num_levels:
             return (self.image_size, self.inner) == (other.image_size, other.inner)
         return self == other
 
     def shell(self) -> UNetConfig:
+        p = self.outer_patch
         return UNetConfig(
-            resolution=self.image_size, in_channels=self.inner.in_channels, out_channels=self.inner.out_channels,
-            channels=self.shell_channels, channel_mult=(1, 2), num_res_blocks=self.shell_num_res_blocks,
+            resolution=self.image_size // p, in_channels=self.inner.in_channels * p * p,
+            out_channels=self.inner.out_channels * p * p, channels=self.shell_channels * p,
+            channel_mult=(1, 2) if p == 1 else (1,), num_res_blocks=self.shell_num_res_blocks,
             attention_resolutions=(), head_dim=self.inner.head_dim, dropout=self.inner.dropout,
             text_dim=self.inner.text_dim, emb_dim=self.inner.emb_dim, middle=False, downsample=self.inner.downsample,
         )
@@ -134,7 +145,8 @@ class NestedUNet(nn.Module):
             return [prediction], features
         # One level of the paper's Fig. 2 (Gu et al. 2023, Sec. 3.2):
         # 1. shell encode: the outer noisy image z^R, down to features at R/2
-        h, skips = self.shell.encode(zs[0], emb, inject=inject)
+        patch = self.config.outer_patch  # 2: the shell sees 2x2 blocks of pixels as channels
+        h, skips = self.shell.encode(zs[0] if patch == 1 else F.pixel_unshuffle(zs[0], patch), emb, inject=inject)
         # 2. to_inner: those features, for the inner levels (added after their input conv)
         inner_inject = self.to_inner(h)
         # 3. the inner levels, each on its own noisy image z^(R/2), z^(R/4), ...
@@ -143,6 +155,7 @@ class NestedUNet(nn.Module):
         h = h + self.from_inner(inner_features)
         # 5. shell decode: back up to R, the outer prediction
         prediction, features = self.shell.decode(h, skips, emb)
+        prediction = prediction if patch == 1 else F.pixel_shuffle(prediction, patch)
         return [prediction] + inner_predictions, features
 
     def forward(self, sample: list[Tensor], timestep: Tensor, encoder_hidden_states: Tensor | None = None,

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mdm_lite import DiffusionConfig, NestedUNet, NestedUNetConfig, ShapesDataset, UNet, UNetConfig, multires_loss
+from mdm_lite.config_check import ConfigError
 from mdm_lite.unet import AttentionBlock, Upsample, norm, position_embedding
 
 torch.set_num_threads(1)
@@ -227,6 +228,24 @@ def test_nested_unet_predicts_every_level_at_its_own_shape(num_levels, resolutio
     assert [o.shape for o in outs] == [z.shape for z in zs]
 
 
+def test_a_patched_outer_shell_works_on_2x2_blocks_at_half_the_resolution():
+    # outer_patch 2: the 32x32 level's shell reads the 32x32 image as 16x16 blocks of 12 channels,
+    # with twice the channels and no down- or upsampling; the 16x16 level's shell is unchanged.
+    config = dataclasses.replace(tiny_nested_config(32, 3), outer_patch=2)
+    model = perturbed(NestedUNet(config))
+    shell = model.shell.config
+    assert (shell.resolution, shell.in_channels, shell.channels, shell.channel_mult) == (16, 12, 16, (1,))
+    assert model.inner.config == tiny_nested_config(16, 2) and model.inner.shell.config.resolution == 16
+    zs, t, (tokens, mask) = noisy_pyramid(config.resolutions), torch.rand(2), text(2)
+    outs = model(zs, t, tokens, mask)
+    assert [o.shape for o in outs] == [z.shape for z in zs]
+
+
+def test_outer_patch_is_1_or_2():
+    with pytest.raises(ConfigError, match="outer_patch"):
+        dataclasses.replace(tiny_nested_config(32, 2), outer_patch=4)
+
+
 def test_nested_unet_wants_one_image_per_level():
     model = NestedUNet(tiny_nested_config(16, 2))
     with pytest.raises(ValueError, match="one per level"):
@@ -262,13 +281,14 @@ def _train_steps(model, num_levels, steps, seed=0):
     return x0, tokens, mask
 
 
-def test_gradients_reach_every_parameter_of_every_level():
+@pytest.mark.parametrize("outer_patch", [1, 2])
+def test_gradients_reach_every_parameter_of_every_level(outer_patch):
     # Zero-initialised layers (output convs, the second conv of every residual branch, attention
     # outputs, the two joins) block the gradient to whatever sits behind them at init. The first
     # backward reaches only the output convs; once they have moved, the second reaches the zero
     # layers and what lies between; once those have moved, the third reaches every parameter.
     # A parameter without a gradient at the third step is not wired into the loss.
-    model = NestedUNet(tiny_nested_config(16, 2))
+    model = NestedUNet(dataclasses.replace(tiny_nested_config(16, 2), outer_patch=outer_patch))
     x0, tokens, mask = _train_steps(model, 2, steps=2)
     model.zero_grad()
     g = torch.Generator().manual_seed(1)
@@ -293,9 +313,10 @@ def test_outer_level_loss_reaches_the_inner_levels():
     assert head and reached == {n for n, _ in model.inner.named_parameters()} - head
 
 
-def test_wrap_keeps_the_inner_levels_predictions():
+@pytest.mark.parametrize("outer_patch", [1, 2])
+def test_wrap_keeps_the_inner_levels_predictions(outer_patch):
     inner = perturbed(NestedUNet(tiny_nested_config(16, 2)))
-    config = tiny_nested_config(32, 3)
+    config = dataclasses.replace(tiny_nested_config(32, 3), outer_patch=outer_patch)  # inner levels: unpatched
     model = NestedUNet.wrap(inner, config)
     zs, t, (tokens, mask) = noisy_pyramid(config.resolutions), torch.rand(2), text(2)
     outs = model(zs, t, tokens, mask)

@@ -1,5 +1,6 @@
 """Recipes: stages trained in turn, each growing from the last, resumable; the precision choice."""
 
+import dataclasses
 import shutil
 
 import pytest
@@ -29,11 +30,13 @@ def tiny_recipe(monkeypatch):
     return "tiny"
 
 
-def test_every_stage_of_the_progressive_recipe_grows_from_the_one_before():
-    configs = stage_configs(TrainConfig(output_dir="out"), "progressive", last_steps=123)
+@pytest.mark.parametrize("outer_patch", [1, 2])
+def test_every_stage_of_the_progressive_recipe_grows_from_the_one_before(outer_patch):
+    model = dataclasses.replace(TrainConfig().model, outer_patch=outer_patch)
+    configs = stage_configs(TrainConfig(output_dir="out", model=model), "progressive", last_steps=123)
     assert [c.output_dir for c in configs] == [f"out/{s.name}" for s in RECIPES["progressive"]]
     assert configs[0].diffusion.time_range == (0.97, 0.97) and configs[0].init_from is None
-    assert configs[-1].model == TrainConfig().model and configs[-1].max_steps == 123
+    assert configs[-1].model == model and configs[-1].max_steps == 123
     for before, after in zip(configs, configs[1:]):
         assert after.init_from == f"{before.output_dir}/checkpoint_latest"
         # the same model trained on, or one more level around it (NestedUNet.wrap)
