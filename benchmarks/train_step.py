@@ -7,9 +7,10 @@ Models, each in fp32 and under bf16 autocast, all in one process:
   4 levels 64/32/16/8 of 36/72/72/72 channels, one ResNet block per level, cross-attention at
   8x8), trained on the same v target with the same optimizer, when diffusers is installed;
 - with --flat, the single-level UNet of the same size (`flat_baseline`);
-- with --shells C:N ..., the preset's NestedUNet with lighter (or heavier) shells: C channels and N
-  down-path blocks per shell (`shell_channels`, `shell_num_res_blocks`), the core unchanged, each
-  timed against the preset in the same dtype.
+- with --shells C:N[:P] ..., the preset's NestedUNet with lighter (or heavier) shells: C channels
+  and N down-path blocks per shell (`shell_channels`, `shell_num_res_blocks`), the outermost shell
+  on PxP blocks of pixels (`outer_patch`), the core unchanged, each timed against the preset in the
+  same dtype.
 
 The timed steps run round by round, every model and dtype once per round, so that other jobs on
 the machine slow all of them alike; each speed is the median over the rounds. --clock cpu times
@@ -21,7 +22,7 @@ torch.utils.flop_counter), the fraction of the matmul peak measured in the same 
 NestedUNet's first steps alone (that is the memory of training it), and at the end.
 
     python benchmarks/train_step.py [--batch_size 16] [--rounds 3] [--steps 2] [--preset cpu]
-        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:0] [--no_diffusers] [--compile] [--threads N]
+        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:1:2] [--no_diffusers] [--compile] [--threads N]
         [--clock wall|cpu]
 """
 import argparse
@@ -96,13 +97,14 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
     return step
 
 
-def shell(text: str) -> tuple[int, int]:
-    """--shells' C:N as (shell_channels, shell_num_res_blocks)."""
+def shell(text: str) -> tuple[int, int, int]:
+    """--shells' C:N or C:N:P as (shell_channels, shell_num_res_blocks, outer_patch)."""
     try:
-        channels, blocks = (int(part) for part in text.split(":"))
+        parts = [int(part) for part in text.split(":")]
+        channels, blocks, patch = parts if len(parts) == 3 else (*parts, 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNELS:BLOCKS, e.g. 8:0") from None
-    return channels, blocks
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNELS:BLOCKS or CHANNELS:BLOCKS:PATCH, e.g. 8:0") from None
+    return channels, blocks, patch
 
 
 def matmul_peak(dtype: torch.dtype, clock, size: int = 2048, repeats: int = 5) -> float:
@@ -125,8 +127,9 @@ def main():
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--flat", action="store_true", help="also the single-level UNet of the same size")
-    parser.add_argument("--shells", nargs="+", type=shell, default=[], metavar="C:N",
-                        help="also the NestedUNet with shells of C channels and N down-path blocks")
+    parser.add_argument("--shells", nargs="+", type=shell, default=[], metavar="C:N[:P]",
+                        help="also the NestedUNet with shells of C channels and N down-path blocks, "
+                             "the outermost on PxP blocks of pixels (outer_patch P, default 1)")
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
     parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
     add_clock_options(parser)
@@ -152,9 +155,10 @@ def main():
         models["diffusers"] = unet
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
-    variants = [f"shells {channels}:{blocks}" for channels, blocks in args.shells]  # ours, other shells
-    for name, (channels, blocks) in zip(variants, args.shells):
-        models[name] = NestedUNet(dataclasses.replace(nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks))
+    variants = [f"shells {':'.join(map(str, shell))}" for shell in args.shells]  # ours, other shells
+    for name, (channels, blocks, patch) in zip(variants, args.shells):
+        models[name] = NestedUNet(dataclasses.replace(nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks,
+                                                      outer_patch=patch))
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
