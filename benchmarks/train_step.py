@@ -103,7 +103,8 @@ def shell(text: str) -> tuple[int, int, int]:
         parts = [int(part) for part in text.split(":")]
         channels, blocks, patch = parts if len(parts) == 3 else (*parts, 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNELS:BLOCKS or CHANNELS:BLOCKS:PATCH, e.g. 8:0") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not CHANNELS:BLOCKS or CHANNELS:BLOCKS:PATCH, e.g. 8:0 "
+                                         "or 16:1:2") from None
     return channels, blocks, patch
 
 

@@ -73,9 +73,10 @@ def stage_config(base: TrainConfig, stage: Stage, init_from: str | None = None, 
     """The TrainConfig of one stage: `base` with the stage's model size, training times, steps and
     folder (base.output_dir / stage.name), grown from init_from (a checkpoint, or None). Only the
     last stage keeps base.lr_decay_steps: the cool-down ends the recipe, not each stage."""
-    # outer_patch is the full model's: an earlier stage becomes its inner levels, which read pixels
-    model = dataclasses.replace(base.model, image_size=stage.image_size, num_levels=stage.num_levels,
-                                outer_patch=base.model.outer_patch if last else 1)
+    model = base.model
+    while model.num_levels > stage.num_levels:  # an earlier stage trains the full model's inner levels
+        model = model.inner_levels()
+    model = dataclasses.replace(model, image_size=stage.image_size, num_levels=stage.num_levels)
     diffusion = dataclasses.replace(base.diffusion, time_range=stage.time_range, time_power=stage.time_power)
     options = base.dataset_options
     if stage.all_attributes and base.dataset == "shapes":
