@@ -10,7 +10,10 @@ Models, each in fp32 and under bf16 autocast, all in one process:
 - with --shells C:N[:P] ..., the preset's NestedUNet with lighter (or heavier) shells: C channels
   and N down-path blocks per shell (`shell_channels`, `shell_num_res_blocks`), the outermost shell
   on PxP blocks of pixels (`outer_patch`), the core unchanged, each timed against the preset in the
-  same dtype.
+  same dtype;
+- with --channels_last, the preset's NestedUNet run channels-last, as sampling runs (NHWC images,
+  its GroupNorms' channels-last maps normalised channels-first through a copy each way: torch's
+  channels-last GroupNorm backward is slow), timed against the preset in the same dtype.
 
 The timed steps run round by round, every model and dtype once per round, so that other jobs on
 the machine slow all of them alike; each speed is the median over the rounds. --clock cpu times
@@ -22,7 +25,7 @@ torch.utils.flop_counter), the fraction of the matmul peak measured in the same 
 NestedUNet's first steps alone (that is the memory of training it), and at the end.
 
     python benchmarks/train_step.py [--batch_size 16] [--rounds 3] [--steps 2] [--preset cpu]
-        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:1:2] [--no_diffusers] [--compile] [--threads N]
+        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:1:2] [--channels_last] [--no_diffusers] [--compile] [--threads N]
         [--clock wall|cpu]
 """
 import argparse
@@ -30,6 +33,7 @@ import dataclasses
 import resource
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ from timing import add_clock_options, round_robin, set_up_clock
 from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
 from mdm_lite.compare import flat_baseline
 from mdm_lite.train import PRESETS
+from mdm_lite.unet import GroupNorm
 
 TEXT_LENGTH = 12
 
@@ -97,6 +102,42 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
     return step
 
 
+class ChannelsLastNestedUNet(NestedUNet):
+    """The NestedUNet on channels-last (NHWC) images, each GroupNorm's channels-last map normalised
+    channels-first and handed back channels-last: the same function, in the other layout."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        for module in self.modules():
+            if isinstance(module, GroupNorm):
+                module.forward = types.MethodType(_norm_channels_first, module)
+
+    def forward(self, sample, *args, **kwargs):
+        return super().forward([z.contiguous(memory_format=torch.channels_last) for z in sample], *args, **kwargs)
+
+
+def _norm_channels_first(norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return F.group_norm(x.contiguous(), norm.num_groups, norm.weight, norm.bias, norm.eps).contiguous(
+            memory_format=torch.channels_last)
+    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
+
+@torch.no_grad()
+def channels_last_gap(config) -> float:
+    """Largest difference between the NestedUNet's predictions channels-first and channels-last, in
+    fp32, with every weight perturbed (no zero-initialised output conv hiding the rest)."""
+    g = torch.Generator().manual_seed(1)
+    model = NestedUNet(config)
+    for p in model.parameters():
+        p.add_(0.05 * torch.randn(p.shape, generator=g))
+    other = ChannelsLastNestedUNet(config)
+    other.load_state_dict(model.state_dict())
+    zs = [torch.randn(2, 3, r, r, generator=g) for r in config.resolutions]
+    tokens, t = torch.randn(2, TEXT_LENGTH, config.inner.text_dim, generator=g), torch.rand(2, generator=g)
+    return max((a - b).abs().max().item() for a, b in zip(model(zs, t, tokens), other(zs, t, tokens)))
+
+
 def shell(text: str) -> tuple[int, int, int]:
     """--shells' C:N or C:N:P as (shell_channels, shell_num_res_blocks, outer_patch)."""
     try:
@@ -131,6 +172,8 @@ def main():
     parser.add_argument("--shells", nargs="+", type=shell, default=[], metavar="C:N[:P]",
                         help="also the NestedUNet with shells of C channels and N down-path blocks, "
                              "the outermost on PxP blocks of pixels (outer_patch P, default 1)")
+    parser.add_argument("--channels_last", action="store_true",
+                        help="also the NestedUNet run channels-last (GroupNorm through channels-first copies)")
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
     parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
     add_clock_options(parser)
@@ -160,6 +203,11 @@ def main():
     for name, (channels, blocks, patch) in zip(variants, args.shells):
         models[name] = NestedUNet(dataclasses.replace(nested_cfg, shell_channels=channels, shell_num_res_blocks=blocks,
                                                       outer_patch=patch))
+    if args.channels_last:
+        variants.append("channels-last")
+        models["channels-last"] = ChannelsLastNestedUNet(nested_cfg)
+        print(f"channels-last: largest |difference| of the predictions from channels-first ones: "
+              f"{channels_last_gap(nested_cfg):.1e} (fp32 rounding)")
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
