@@ -28,7 +28,7 @@ from typing import Annotated
 import torch
 
 from .checkpoint import CheckpointError, check_writable, resolve_checkpoint
-from .config_check import ConfigError, Device, Positive, check_value, laid_over
+from .config_check import ConfigError, Device, Positive, check_value
 from .data import DatasetError, prefetch
 from .device import PRECISIONS
 from .images import to_pil
@@ -71,22 +71,20 @@ def _options(items: list[str] | None) -> dict:
 
 
 def build_train_config(args: argparse.Namespace):
-    """The TrainConfig that `mdm-lite train` runs: a preset, a --config file's values over it,
-    then the flags given; built once, so that every value is checked as the config is
-    (`config_check`)."""
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
-    config = PRESETS[args.preset]()
+    """The TrainConfig that `mdm-lite train` runs: a preset (or --config file), then the flags
+    given; built once, so that every value is checked as the config is (`config_check`)."""
     if args.config:
         try:
-            data = json.loads(Path(args.config).read_text())
+            config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"cannot read --config {args.config} ({error}); pass a JSON file such as a "
                               "checkpoint's config.json") from error
-        try:
-            config = TrainConfig.from_dict(laid_over(config, data))
         except ConfigError as error:
             raise ConfigError(f"--config {args.config}: {error}") from None
+    elif args.preset in PRESETS:
+        config = PRESETS[args.preset]()
+    else:
+        raise ConfigError(f"unknown preset {args.preset!r}: use one of {', '.join(PRESETS)}")
     given = {k: getattr(args, k) for k in TRAIN_OPTIONS if getattr(args, k) is not None}
     if "epochs" in given and "max_steps" not in given:
         given["max_steps"] = None  # --epochs alone: train for that many epochs, as the original CLI did
@@ -279,8 +277,7 @@ def parser() -> argparse.ArgumentParser:
                    help="progressive: the 16x16 UNet learns the layout at one noise level, then every noise "
                    "level, then grows to 32/16 and 64/32/16, each stage in its own folder under --output_dir, "
                    "--max_steps setting the last one's steps (default for the cpu preset); none: one run")
-    t.add_argument("--config", help="a TrainConfig as JSON (e.g. a checkpoint's config.json), over the preset: "
-                   "the fields it leaves out, at any depth, are the preset's")
+    t.add_argument("--config", help="a TrainConfig as JSON (e.g. a checkpoint's config.json) instead of a preset")
     t.add_argument("--resume", action="store_true", help="continue the run in --output_dir from checkpoint_latest")
     t.add_argument("--image_size", type=int, help=f"side of the largest level (cpu preset: {defaults.model.image_size})")
     t.add_argument("--num_levels", type=int, help="nesting levels: 1 plain UNet, 2 (64, 32), 3 (64, 32, 16) "

@@ -236,16 +236,6 @@ def build(cls, data, path: str | None = None):
         raise ConfigError(f"{error}", where) from None
 
 
-def laid_over(preset, data):
-    """A config's JSON `data` laid over the dataclass `preset`, key by key: what `data` leaves out,
-    at any depth of nested configs ({"model": {"shell_channels": 8}}), is the preset's; a value
-    that is not a nested config (a list, dataset_options) is replaced whole."""
-    if not (dataclasses.is_dataclass(preset) and isinstance(data, dict)):
-        return data
-    merged = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset) if f.init}
-    return {**merged, **{key: laid_over(merged.get(key), value) for key, value in data.items()}}
-
-
 def check_options(options: dict, hints: dict[str, Any], where: str) -> dict:
     """Keyword options (e.g. --dataset_option key=value) checked against `hints`, {name: type}:
     unknown names and values of the wrong type are ConfigErrors naming `where`. Returns them converted."""

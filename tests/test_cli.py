@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mdm_lite.checkpoint import resolve_checkpoint
-from mdm_lite.cli import build_train_config, main, parser
+from mdm_lite.cli import main
 from tiny_run import snapshot, trained_run, write_tiny_json
 
 train_module = importlib.import_module("mdm_lite.train")  # `import mdm_lite.train` gives the function
@@ -195,27 +195,6 @@ def test_the_same_seed_gives_identical_files_and_another_seed_does_not(run, tmp_
         _sample(capsys, run, tmp_path / name, "--seed", seed)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
     assert (tmp_path / "a" / "sample_0000.png").read_bytes() != (tmp_path / "c" / "sample_0000.png").read_bytes()
-
-
-def test_a_partial_config_file_keeps_the_presets_other_fields_at_every_depth(tmp_path):
-    """--config lays its values over the preset: a file that changes the shells' width and the inner
-    UNet's channels trains the cpu preset's model otherwise (three levels, its attention), not
-    NestedUNetConfig's defaults; a full config.json gives itself whatever the preset."""
-    partial = tmp_path / "partial.json"
-    partial.write_text(json.dumps({"model": {"shell_channels": 8, "inner": {"channels": 24}}, "lr": 0.001}))
-    config = build_train_config(parser().parse_args(["train", "--config", str(partial)]))
-    preset = train_module.cpu_preset()
-    assert (config.model.shell_channels, config.model.inner.channels, config.lr) == (8, 24, 0.001)
-    expected = preset.to_dict()
-    expected["model"].update(shell_channels=8)
-    expected["model"]["inner"].update(channels=24)
-    expected["lr"] = 0.001
-    assert config.to_dict() == expected
-    full = tmp_path / "full.json"
-    full.write_text(json.dumps(config.to_dict()))
-    for name in ("cpu", "colab"):
-        again = build_train_config(parser().parse_args(["train", "--preset", name, "--config", str(full)]))
-        assert again == config
 
 
 @pytest.mark.parametrize("command, shown", [
