@@ -5,7 +5,9 @@ Models, each in fp32 and under bf16 autocast, all in one process:
 - the preset's NestedUNet (the reference of every ratio);
 - diffusers' UNet2DConditionModel of about as many parameters (2.49M for the cpu preset's 2.50M:
   4 levels 64/32/16/8 of 36/72/72/72 channels, one ResNet block per level, cross-attention at
-  8x8), trained on the same v target with the same optimizer, when diffusers is installed;
+  8x8), trained on the same v target with the same optimizer, when diffusers is installed; and
+  the same UNet channels-last ("diffusers NHWC": `.to(memory_format=torch.channels_last)` and
+  NHWC images, the layout diffusers' docs suggest for speed), which runs faster on some CPUs;
 - with --flat, the single-level UNet of the same size (`flat_baseline`);
 - with --shells C:N[:P] ..., the preset's NestedUNet with lighter (or heavier) shells: C channels
   and N down-path blocks per shell (`shell_channels`, `shell_num_res_blocks`), the outermost shell
@@ -66,9 +68,11 @@ def diffusers_unet(text_dim: int):
         cross_attention_dim=text_dim, attention_head_dim=3, norm_num_groups=4)  # 3 heads of 24 channels
 
 
-def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True):
+def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True,
+                  channels_last: bool = False):
     """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data;
-    fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters)."""
+    fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters);
+    channels_last: a diffusers UNet's noisy images channels-last (NHWC)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1
     tokens = torch.randn(batch_size, TEXT_LENGTH, text_dim, generator=g)
@@ -82,7 +86,9 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
             return multires_loss(net, x, tokens, mask, config, model.config.num_levels, generator=g)[0]
         t = torch.rand(batch_size, generator=g)  # the 64x64 level's schedule, the same v target
         logsnr, eps = config.logsnr(t, 64), torch.randn(x.shape, generator=g)
-        pred = net(add_noise(x, eps, logsnr), (1000 * t).long(), tokens, encoder_attention_mask=mask).sample
+        z = add_noise(x, eps, logsnr)
+        z = z.contiguous(memory_format=torch.channels_last) if channels_last else z
+        pred = net(z, (1000 * t).long(), tokens, encoder_attention_mask=mask).sample
         return F.mse_loss(pred.float(), velocity(x, eps, logsnr))
 
     def step():
@@ -197,6 +203,7 @@ def main():
         runs["nested+compile", dtype] = compiled
     if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
         models["diffusers"] = unet
+        models["diffusers NHWC"] = diffusers_unet(text_dim).to(memory_format=torch.channels_last)
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
     variants = [f"shells {':'.join(map(str, shell))}" for shell in args.shells]  # ours, other shells
@@ -211,7 +218,8 @@ def main():
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
-                runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim)
+                runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim,
+                                                  channels_last=name == "diffusers NHWC")
                 runs[name, dtype]()
 
     seconds = round_robin(runs, args.rounds, clock, calls=args.steps)
