@@ -124,9 +124,8 @@ class ChannelsLastNestedUNet(NestedUNet):
 
 def _norm_channels_first(norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return F.group_norm(x.contiguous(), norm.num_groups, norm.weight, norm.bias, norm.eps).contiguous(
-            memory_format=torch.channels_last)
-    return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return GroupNorm.forward(norm, x.contiguous()).contiguous(memory_format=torch.channels_last)
+    return GroupNorm.forward(norm, x)
 
 
 @torch.no_grad()
