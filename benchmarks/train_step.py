@@ -68,11 +68,9 @@ def diffusers_unet(text_dim: int):
         cross_attention_dim=text_dim, attention_head_dim=3, norm_num_groups=4)  # 3 heads of 24 channels
 
 
-def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True,
-                  channels_last: bool = False):
+def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True):
     """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data;
-    fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters);
-    channels_last: a diffusers UNet's noisy images channels-last (NHWC)."""
+    fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters)."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(batch_size, 3, 64, 64, generator=g) * 2 - 1
     tokens = torch.randn(batch_size, TEXT_LENGTH, text_dim, generator=g)
@@ -86,9 +84,7 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
             return multires_loss(net, x, tokens, mask, config, model.config.num_levels, generator=g)[0]
         t = torch.rand(batch_size, generator=g)  # the 64x64 level's schedule, the same v target
         logsnr, eps = config.logsnr(t, 64), torch.randn(x.shape, generator=g)
-        z = add_noise(x, eps, logsnr)
-        z = z.contiguous(memory_format=torch.channels_last) if channels_last else z
-        pred = net(z, (1000 * t).long(), tokens, encoder_attention_mask=mask).sample
+        pred = net(add_noise(x, eps, logsnr), (1000 * t).long(), tokens, encoder_attention_mask=mask).sample
         return F.mse_loss(pred.float(), velocity(x, eps, logsnr))
 
     def step():
@@ -108,18 +104,28 @@ def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: b
     return step
 
 
-class ChannelsLastNestedUNet(NestedUNet):
-    """The NestedUNet on channels-last (NHWC) images, each GroupNorm's channels-last map normalised
-    channels-first and handed back channels-last: the same function, in the other layout."""
+def nhwc_inputs(model: torch.nn.Module) -> torch.nn.Module:
+    """`model`, its images (a tensor, or a NestedUNet's list of them) made channels-last (NHWC) as
+    they enter its forward."""
+    def nhwc(z: torch.Tensor) -> torch.Tensor:
+        return z.contiguous(memory_format=torch.channels_last)
 
-    def __init__(self, config):
-        super().__init__(config)
-        for module in self.modules():
-            if isinstance(module, GroupNorm):
-                module.forward = types.MethodType(_norm_channels_first, module)
+    def to_nhwc(module, args):
+        images = args[0]
+        return ([nhwc(z) for z in images] if isinstance(images, list) else nhwc(images), *args[1:])
 
-    def forward(self, sample, *args, **kwargs):
-        return super().forward([z.contiguous(memory_format=torch.channels_last) for z in sample], *args, **kwargs)
+    model.register_forward_pre_hook(to_nhwc)
+    return model
+
+
+def channels_last_nested(config) -> NestedUNet:
+    """The NestedUNet on NHWC images, each GroupNorm's channels-last map normalised channels-first
+    and handed back channels-last: the same function, in the other layout."""
+    model = NestedUNet(config)
+    for module in model.modules():
+        if isinstance(module, GroupNorm):
+            module.forward = types.MethodType(_norm_channels_first, module)
+    return nhwc_inputs(model)
 
 
 def _norm_channels_first(norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,7 @@ def channels_last_gap(config) -> float:
     model = NestedUNet(config)
     for p in model.parameters():
         p.add_(0.05 * torch.randn(p.shape, generator=g))
-    other = ChannelsLastNestedUNet(config)
+    other = channels_last_nested(config)
     other.load_state_dict(model.state_dict())
     zs = [torch.randn(2, 3, r, r, generator=g) for r in config.resolutions]
     tokens, t = torch.randn(2, TEXT_LENGTH, config.inner.text_dim, generator=g), torch.rand(2, generator=g)
@@ -202,7 +208,7 @@ def main():
         runs["nested+compile", dtype] = compiled
     if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
         models["diffusers"] = unet
-        models["diffusers NHWC"] = diffusers_unet(text_dim).to(memory_format=torch.channels_last)
+        models["diffusers NHWC"] = nhwc_inputs(diffusers_unet(text_dim).to(memory_format=torch.channels_last))
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
     variants = [f"shells {':'.join(map(str, shell))}" for shell in args.shells]  # ours, other shells
@@ -211,14 +217,13 @@ def main():
                                                       outer_patch=patch))
     if args.channels_last:
         variants.append("channels-last")
-        models["channels-last"] = ChannelsLastNestedUNet(nested_cfg)
+        models["channels-last"] = channels_last_nested(nested_cfg)
         print(f"channels-last: largest |difference| of the predictions from channels-first ones: "
               f"{channels_last_gap(nested_cfg):.1e} (fp32 rounding)")
     for name, model in models.items():
         if name != "nested":
             for dtype in args.dtypes:
-                runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim,
-                                                  channels_last=name == "diffusers NHWC")
+                runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim)
                 runs[name, dtype]()
 
     seconds = round_robin(runs, args.rounds, clock, calls=args.steps)
