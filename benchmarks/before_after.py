@@ -7,7 +7,9 @@ same network, round by round, so that other jobs on the machine slow both alike:
 - training: the CPU preset of that commit (2.50M parameters: attention at 8x8 only, no position
   embedding), one step (forward, backward, AdamW as each code's `train` builds it) at batch 16,
   64x64, fp32 and bf16 autocast; then today's preset (2.65M: attention at 16 and 8, a position
-  embedding) on today's code, which the README's other figures are of;
+  embedding) on today's code, which the README's other figures are of; with --compile also both
+  networks under torch.compile on today's code (`mdm-lite train --compile`), with the time each
+  first step (compiling) took;
 - sampling: --sample_batch prompts with guidance 3, the earlier code's default (DDIM 50 guided at
   every step, fp32, no_grad) against today's default (`samplers.sample`'s: DPM-Solver++(2M), its
   DEFAULT_STEPS, guided at the times of DEFAULT_GUIDANCE_INTERVAL only) and DPM-Solver++(2M) 20
@@ -15,7 +17,8 @@ same network, round by round, so that other jobs on the machine slow both alike:
 
 Each speed is the median over the rounds; the ratios are today's over the earlier code's.
 
-    python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--threads N] [--clock wall|cpu]
+    python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--compile] [--threads N]
+        [--clock wall|cpu]
 """
 import argparse
 import importlib
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -104,6 +108,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--sample_batch", type=int, default=4, help="images per sampling run (0: no sampling)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also today's training step under torch.compile (minutes of compiling each)")
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)
@@ -128,6 +134,11 @@ def main():
             runs["train", "issue's preset", "after", dtype] = training_step(new_model, args.batch_size, dtype, text_dim)
             runs["train", "today's preset", "after", dtype] = training_step(preset_model, args.batch_size, dtype,
                                                                          text_dim)
+            for what, model in [("issue's preset", new_model), ("today's preset", preset_model)] * args.compile:
+                copy = NestedUNet(model.config)  # a module of its own for each compiled run, with the same weights
+                copy.load_state_dict(model.state_dict())
+                runs["train", what, "after+compile", dtype] = training_step(copy, args.batch_size, dtype, text_dim,
+                                                                          compiled=True)
         if args.sample_batch:
             res = todays_config(issue_config).resolutions
             runs["sample", "ddim 50", "before", "fp32"] = sampling_run(before.diffusion.sample, old_model.eval(), res,
@@ -137,14 +148,18 @@ def main():
                 for what, options in SAMPLING_AFTER.items():
                     runs["sample", what, "after", dtype] = sampling_run(sample, new_model.eval(), res, args.sample_batch,
                                                                         text_dim, dtype, torch.inference_mode, **options)
-        for run in runs.values():  # warm-up: allocator, oneDNN kernels
+        for key, run in runs.items():  # warm-up: allocator, oneDNN kernels, compiling
+            start = time.perf_counter()
             run()
+            if "compile" in key[2]:
+                print(f"torch.compile, {key[1]}, {key[3]}: the first step (compiling) took "
+                      f"{time.perf_counter() - start:.0f} s")
         seconds = round_robin(runs, args.rounds, clock)
     per = {key: statistics.median(s) for key, s in seconds.items()}
     for (kind, what, code, dtype), s in per.items():
         if kind == "train":
             params = count["issue" if what == "issue's preset" else "preset"]
-            print(f"train  {what} ({params:.2f}M), {code:6s} {dtype}: {args.batch_size / s:6.1f} images/s")
+            print(f"train  {what} ({params:.2f}M), {code:13s} {dtype}: {args.batch_size / s:6.1f} images/s")
         else:
             print(f"sample {what}, {code:6s} {dtype}: {s / args.sample_batch:6.2f} s/image")
     issue, preset = ("train", "issue's preset"), ("train", "today's preset")
@@ -153,8 +168,14 @@ def main():
         print(f"ratio train, issue's preset, after/before, {dtype}: {base / per[*issue, 'after', dtype]:.2f}x")
         print(f"ratio train, today's preset after / issue's preset before, {dtype}: "
               f"{base / per[*preset, 'after', dtype]:.2f}x")
-    print(f"ratio train, issue's preset, after bf16 / before fp32: "
-          f"{per[*issue, 'before', 'fp32'] / per[*issue, 'after', 'bf16']:.2f}x")
+        if args.compile:
+            print(f"ratio train, issue's preset, after+compile/before, {dtype}: "
+                  f"{base / per[*issue, 'after+compile', dtype]:.2f}x")
+            print(f"ratio train, today's preset after+compile / issue's preset before, {dtype}: "
+                  f"{base / per[*preset, 'after+compile', dtype]:.2f}x")
+    for code in ("after", "after+compile")[:1 + args.compile]:
+        print(f"ratio train, issue's preset, {code} bf16 / before fp32: "
+              f"{per[*issue, 'before', 'fp32'] / per[*issue, code, 'bf16']:.2f}x")
     if args.sample_batch:
         base = per["sample", "ddim 50", "before", "fp32"]
         for what in SAMPLING_AFTER:

@@ -15,7 +15,10 @@ Models, each in fp32 and under bf16 autocast, all in one process:
   same dtype;
 - with --channels_last, the preset's NestedUNet run channels-last, as sampling runs (NHWC images,
   its GroupNorms' channels-last maps normalised channels-first through a copy each way: torch's
-  channels-last GroupNorm backward is slow), timed against the preset in the same dtype.
+  channels-last GroupNorm backward is slow), timed against the preset in the same dtype;
+- with --compile, the preset's NestedUNet under torch.compile (`mdm-lite train --compile`; on a
+  CPU the compiler runs its convolutions channels-last itself) and diffusers' NHWC UNet compiled
+  too, the fair reference for it, each with the time its first step (compiling) took.
 
 The timed steps run round by round, every model and dtype once per round, so that other jobs on
 the machine slow all of them alike; each speed is the median over the rounds. --clock cpu times
@@ -186,7 +189,8 @@ def main():
     parser.add_argument("--channels_last", action="store_true",
                         help="also the NestedUNet run channels-last (GroupNorm through channels-first copies)")
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
-    parser.add_argument("--compile", action="store_true", help="also the NestedUNet under torch.compile (slow to compile)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the NestedUNet and diffusers' NHWC UNet under torch.compile (minutes of compiling)")
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)
@@ -200,12 +204,6 @@ def main():
     for run in runs.values():  # warm-up: allocator, oneDNN kernels
         run()
     print(f"peak memory training the NestedUNet at batch {args.batch_size} (max RSS): {peak_rss_mib():.0f} MiB")
-    for dtype in args.dtypes if args.compile else ():
-        start = time.perf_counter()
-        compiled = training_step(NestedUNet(nested_cfg), args.batch_size, dtype, text_dim, compiled=True)
-        compiled()
-        print(f"torch.compile, {dtype}: the first step (compiling) took {time.perf_counter() - start:.0f} s")
-        runs["nested+compile", dtype] = compiled
     if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
         models["diffusers"] = unet
         models["diffusers NHWC"] = nhwc_inputs(diffusers_unet(text_dim).to(memory_format=torch.channels_last))
@@ -225,6 +223,17 @@ def main():
             for dtype in args.dtypes:
                 runs[name, dtype] = training_step(model, args.batch_size, dtype, text_dim)
                 runs[name, dtype]()
+    compiled = {"nested+compile": lambda: NestedUNet(nested_cfg)}
+    if "diffusers NHWC" in models:
+        compiled["diffusers NHWC+compile"] = lambda: nhwc_inputs(
+            diffusers_unet(text_dim).to(memory_format=torch.channels_last))
+    for name, build in compiled.items() if args.compile else ():
+        for dtype in args.dtypes:
+            start = time.perf_counter()
+            models[name] = build()  # a fresh model for each dtype
+            runs[name, dtype] = training_step(models[name], args.batch_size, dtype, text_dim, compiled=True)
+            runs[name, dtype]()
+            print(f"{name}, {dtype}: the first step (compiling) took {time.perf_counter() - start:.0f} s")
 
     seconds = round_robin(runs, args.rounds, clock, calls=args.steps)
     peaks = {"fp32": matmul_peak(torch.float32, clock), "bf16": matmul_peak(torch.bfloat16, clock)}
@@ -233,10 +242,9 @@ def main():
     speed = {}
     for key, run in runs.items():
         name, dtype = key
-        model = models[name.split("+")[0]]
         speed[key] = args.batch_size / statistics.median(seconds[key])
-        flops = run.flops_per_image() if "compile" not in name else runs[name.split("+")[0], dtype].flops_per_image()
-        print(f"{name:15s} {sum(p.numel() for p in model.parameters()) / 1e6:5.2f}M params  {dtype}: "
+        flops = runs[name.split("+")[0], dtype].flops_per_image()  # a compiled run's, counted on the eager one
+        print(f"{name:22s} {sum(p.numel() for p in models[name].parameters()) / 1e6:5.2f}M params  {dtype}: "
               f"{speed[key]:6.1f} images/s, {flops / 1e9:.2f} GFLOP/image, "
               f"{speed[key] * flops / peaks[dtype]:5.1%} of the {dtype} matmul peak")
     reference = ("nested", args.dtypes[0])
@@ -248,7 +256,7 @@ def main():
         if name in variants:  # its speed against the preset's, dtype by dtype
             for dtype in args.dtypes:
                 print(f"ratio {name} vs nested, {dtype}: {speed[name, dtype] / speed['nested', dtype]:.2f}x")
-        elif name != "nested":
+        elif name not in ours:
             for dtype in args.dtypes:
                 for mine in ours:
                     print(f"ratio {mine} vs {name}, {dtype}: {speed[mine, dtype] / speed[name, dtype]:.2f}x")
