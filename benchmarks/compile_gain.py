@@ -1,0 +1,76 @@
+"""What `mdm-lite train --compile` buys: the training step compiled against eager, in fresh processes.
+
+Timed in one process beside other compiled models (`train_step.py --compile`), a compiled step's
+speed varied from run to run far more than the eager step's on a busy machine. Here each run is a
+process of its own holding one model: the CPU preset's NestedUNet, one training step (forward,
+backward, AdamW) at batch 16, 64x64, as `train_step.py` runs it. Rounds alternate eager and
+compiled processes (so that other jobs on the machine slow both alike); each process times
+`steps` steps after 2 warm-up steps (the first of them compiles: seconds when torch's cache holds
+the graph, minutes when it does not; printed). The ratio is compiled over eager, per round and the
+median over rounds.
+
+    python benchmarks/compile_gain.py [--rounds 3] [--steps 12] [--dtypes fp32 bf16] [--threads 2]
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from train_step import training_step
+
+from mdm_lite import NestedUNet
+from mdm_lite.train import cpu_preset
+
+
+def child(mode: str, dtype: str, steps: int, threads: int) -> None:
+    """Print 'compile_s images_per_s' of one model in this process."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = cpu_preset().model
+    step = training_step(NestedUNet(config), 16, dtype, config.inner.text_dim, compiled=mode == "compile")
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    step()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    print(f"{first:.1f} {16 / statistics.median(seconds):.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(*args.child, args.steps, args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, batch 16, preset cpu, {args.rounds} rounds of a fresh "
+          f"process per run, {args.steps} timed steps each")
+    speeds = {(mode, dtype): [] for dtype in args.dtypes for mode in ("eager", "compile")}
+    for round_ in range(args.rounds):
+        for mode, dtype in speeds:
+            done = subprocess.run([sys.executable, __file__, "--child", mode, dtype, "--steps", str(args.steps),
+                                   "--threads", str(args.threads)], capture_output=True, text=True)
+            if done.returncode:
+                sys.exit(f"compile_gain.py: the {mode} {dtype} process failed: {done.stderr.strip().splitlines()[-1]}")
+            first, ips = map(float, done.stdout.split())
+            speeds[mode, dtype].append(ips)
+            print(f"round {round_ + 1}, {mode:7s} {dtype}: {ips:5.1f} images/s (first step {first:.0f} s)", flush=True)
+    for dtype in args.dtypes:
+        ratios = [c / e for c, e in zip(speeds["compile", dtype], speeds["eager", dtype])]
+        print(f"{dtype}: eager {statistics.median(speeds['eager', dtype]):.1f}, compiled "
+              f"{statistics.median(speeds['compile', dtype]):.1f} images/s; compiled / eager per round "
+              f"{', '.join(f'{r:.2f}x' for r in ratios)}, median {statistics.median(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
