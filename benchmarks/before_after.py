@@ -135,9 +135,9 @@ def main():
             runs["train", "today's preset", "after", dtype] = training_step(preset_model, args.batch_size, dtype,
                                                                          text_dim)
             for what, model in [("issue's preset", new_model), ("today's preset", preset_model)] * args.compile:
-                copy = NestedUNet(model.config)  # a module of its own for each compiled run, with the same weights
-                copy.load_state_dict(model.state_dict())
-                runs["train", what, "after+compile", dtype] = training_step(copy, args.batch_size, dtype, text_dim,
+                twin = NestedUNet(model.config)  # a module of its own for each compiled run, with the same weights
+                twin.load_state_dict(model.state_dict())
+                runs["train", what, "after+compile", dtype] = training_step(twin, args.batch_size, dtype, text_dim,
                                                                           compiled=True)
         if args.sample_batch:
             res = todays_config(issue_config).resolutions

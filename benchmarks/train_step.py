@@ -71,6 +71,11 @@ def diffusers_unet(text_dim: int):
         cross_attention_dim=text_dim, attention_head_dim=3, norm_num_groups=4)  # 3 heads of 24 channels
 
 
+def diffusers_nhwc_unet(text_dim: int):
+    """diffusers_unet channels-last, fed NHWC images ("diffusers NHWC")."""
+    return nhwc_inputs(diffusers_unet(text_dim).to(memory_format=torch.channels_last))
+
+
 def training_step(model, batch_size: int, dtype: str, text_dim: int, compiled: bool = False, fused: bool = True):
     """A closure that runs one step of `model` (a NestedUNet or a diffusers UNet) on fixed random data;
     fused: AdamW's fused kernel, as mdm_lite.train (False: its loop over the parameters)."""
@@ -206,7 +211,7 @@ def main():
     print(f"peak memory training the NestedUNet at batch {args.batch_size} (max RSS): {peak_rss_mib():.0f} MiB")
     if not args.no_diffusers and args.preset == "cpu" and (unet := diffusers_unet(text_dim)) is not None:
         models["diffusers"] = unet
-        models["diffusers NHWC"] = nhwc_inputs(diffusers_unet(text_dim).to(memory_format=torch.channels_last))
+        models["diffusers NHWC"] = diffusers_nhwc_unet(text_dim)
     if args.flat:
         models["flat"] = NestedUNet(flat_baseline(nested_cfg))
     variants = [f"shells {':'.join(map(str, shell))}" for shell in args.shells]  # ours, other shells
@@ -225,8 +230,7 @@ def main():
                 runs[name, dtype]()
     compiled = {"nested+compile": lambda: NestedUNet(nested_cfg)}
     if "diffusers NHWC" in models:
-        compiled["diffusers NHWC+compile"] = lambda: nhwc_inputs(
-            diffusers_unet(text_dim).to(memory_format=torch.channels_last))
+        compiled["diffusers NHWC+compile"] = lambda: diffusers_nhwc_unet(text_dim)
     for name, build in compiled.items() if args.compile else ():
         for dtype in args.dtypes:
             start = time.perf_counter()
