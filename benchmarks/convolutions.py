@@ -59,9 +59,13 @@ def signature(args) -> tuple:
 def replay(func, sig: tuple):
     """A closure that runs `func` on random tensors laid out as in the recorded call `sig`."""
     g = torch.Generator().manual_seed(0)
-    args = [torch.empty_strided(arg[1], arg[2], dtype=torch.float32).normal_(generator=g).to(arg[3])
-            if isinstance(arg, tuple) and arg[:1] == ("tensor",) else
-            list(arg) if isinstance(arg, tuple) else arg for arg in sig]
+
+    def argument(arg):
+        if isinstance(arg, tuple) and arg[:1] == ("tensor",):
+            _, shape, stride, dtype = arg
+            return torch.empty_strided(shape, stride, dtype=torch.float32).normal_(generator=g).to(dtype)
+        return list(arg) if isinstance(arg, tuple) else arg
+    args = [argument(arg) for arg in sig]
 
     def run():
         func(*args)
@@ -73,7 +77,7 @@ def replay(func, sig: tuple):
 
 
 def describe(func, sig: tuple) -> str:
-    """'forward (16, 48, 64, 64) -> 16 ch, 3x3' or 'backward (input, weight) ...' for a recorded call."""
+    """'forward  (16, 48, 64, 64) -> 16 ch, 3x3, NCHW, float32' and the like, for a recorded call."""
     if func is aten.convolution.default:
         x, w, transposed = sig[0], sig[1], sig[6]
         kind = "forward, transposed" if transposed else "forward"
@@ -83,7 +87,8 @@ def describe(func, sig: tuple) -> str:
         kind = f"backward{', transposed' if transposed else ''} ({', '.join(wanted)})"
     out = w[1][1] if transposed else w[1][0]
     layout = "NHWC" if x[2][1] == 1 and x[1][1] > 1 else "NCHW"
-    return f"{kind:44s} {str(x[1]):18s} -> {out:3d} ch, {w[1][2]}x{w[1][3]}, {layout}, {str(x[3])[6:]}"
+    dtype = str(x[3]).removeprefix("torch.")
+    return f"{kind:44s} {str(x[1]):18s} -> {out:3d} ch, {w[1][2]}x{w[1][3]}, {layout}, {dtype}"
 
 
 def main():
