@@ -77,7 +77,12 @@ def replay(func, sig: tuple):
 
 
 def describe(func, sig: tuple) -> str:
-    """'forward  (16, 48, 64, 64) -> 16 ch, 3x3, NCHW, float32' and the like, for a recorded call."""
+    """'forward  (16, 48, 64, 64) -> 16 ch, 3x3, NCHW, float32' and the like, for a recorded call.
+
+    The positions are those of torch's schemas: convolution(input, weight, bias, stride, padding,
+    dilation, transposed, output_padding, groups) and convolution_backward(grad_output, input,
+    weight, bias_sizes, stride, padding, dilation, transposed, output_padding, groups, output_mask).
+    """
     if func is aten.convolution.default:
         x, w, transposed = sig[0], sig[1], sig[6]
         kind = "forward, transposed" if transposed else "forward"
