@@ -16,7 +16,6 @@ plain compiled step as well.
 """
 import argparse
 import ast
-import contextlib
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def child(mode: str, dtype: str, steps: int, threads: int, options: dict) -> Non
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     config = cpu_preset().model
-    with inductor_config.patch(options) if mode == "options" else contextlib.nullcontext():
+    with inductor_config.patch(options if mode == "options" else {}):
         step = training_step(NestedUNet(config), 16, dtype, config.inner.text_dim, compiled=mode != "eager")
         start = time.perf_counter()
         step()
