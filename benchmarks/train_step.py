@@ -14,8 +14,12 @@ Models, each in fp32 and under bf16 autocast, all in one process:
   on PxP blocks of pixels (`outer_patch`), the core unchanged, each timed against the preset in the
   same dtype;
 - with --channels_last, the preset's NestedUNet run channels-last, as sampling runs (NHWC images,
-  its GroupNorms' channels-last maps normalised channels-first through a copy each way: torch's
-  channels-last GroupNorm backward is slow), timed against the preset in the same dtype;
+  its GroupNorms' channels-last maps normalised channels-first through a copy each way, and their
+  gradients copied back the same way: torch's channels-last GroupNorm backward is slow), timed
+  against the preset in the same dtype;
+- with --profile N, after the timing, the N operators that take the most time, in milliseconds
+  of the main thread a step (torch.profiler's self CPU time), a column per run: where two runs
+  differ;
 - with --compile, the preset's NestedUNet under torch.compile (`mdm-lite train --compile`; on a
   CPU the compiler runs its convolutions channels-last itself) and diffusers' NHWC UNet compiled
   too, the fair reference for it, each with the time its first step (compiling) took.
@@ -30,8 +34,8 @@ torch.utils.flop_counter), the fraction of the matmul peak measured in the same 
 NestedUNet's first steps alone (that is the memory of training it), and at the end.
 
     python benchmarks/train_step.py [--batch_size 16] [--rounds 3] [--steps 2] [--preset cpu]
-        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:1:2] [--channels_last] [--no_diffusers] [--compile] [--threads N]
-        [--clock wall|cpu]
+        [--dtypes fp32 bf16] [--flat] [--shells 8:0 16:1:2] [--channels_last] [--no_diffusers] [--compile]
+        [--profile N] [--threads N] [--clock wall|cpu]
 """
 import argparse
 import dataclasses
@@ -136,9 +140,25 @@ def channels_last_nested(config) -> NestedUNet:
     return nhwc_inputs(model)
 
 
+class _Relayout(torch.autograd.Function):
+    """x copied to `layout`, its gradient copied back to x's layout. (A plain .contiguous() hands
+    its gradient back as it came, channels-first, and autograd then sums it with the residual
+    path's channels-last gradient of the same map: a strided add, 34 ms a step in bf16.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
+        ctx.back = torch.channels_last if layout == torch.contiguous_format else torch.contiguous_format
+        return x.contiguous(memory_format=layout)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.contiguous(memory_format=ctx.back), None
+
+
 def _norm_channels_first(norm: GroupNorm, x: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return GroupNorm.forward(norm, x.contiguous()).contiguous(memory_format=torch.channels_last)
+        y = GroupNorm.forward(norm, _Relayout.apply(x, torch.contiguous_format))
+        return _Relayout.apply(y, torch.channels_last)
     return GroupNorm.forward(norm, x)
 
 
@@ -155,6 +175,27 @@ def channels_last_gap(config) -> float:
     zs = [torch.randn(2, 3, r, r, generator=g) for r in config.resolutions]
     tokens, t = torch.randn(2, TEXT_LENGTH, config.inner.text_dim, generator=g), torch.rand(2, generator=g)
     return max((a - b).abs().max().item() for a, b in zip(model(zs, t, tokens), other(zs, t, tokens)))
+
+
+def operator_times(run, steps: int) -> dict[str, float]:
+    """Milliseconds a step that each operator of `run` takes itself, on the main thread (torch.profiler's
+    self CPU time, over `steps` steps)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(steps):
+            run()
+    return {event.key: event.self_cpu_time_total / 1e3 / steps for event in profile.key_averages()}
+
+
+def print_operator_table(times: dict[tuple[str, str], dict[str, float]], rows: int) -> None:
+    """The `rows` operators that take the most time in any run, a column per run, and each run's sum."""
+    operators = sorted({op for table in times.values() for op in table},
+                       key=lambda op: -max(table.get(op, 0.0) for table in times.values()))
+    names = [f"{name} {dtype}" for name, dtype in times]
+    width = max(map(len, names)) + 2
+    print(f"{'ms a step, self CPU time':48s}" + "".join(f"{name:>{width}s}" for name in names))
+    for op in operators[:rows]:
+        print(f"{op[:48]:48s}" + "".join(f"{table.get(op, 0.0):{width}.1f}" for table in times.values()))
+    print(f"{'all operators':48s}" + "".join(f"{sum(table.values()):{width}.1f}" for table in times.values()))
 
 
 def shell(text: str) -> tuple[int, int, int]:
@@ -196,6 +237,8 @@ def main():
     parser.add_argument("--no_diffusers", action="store_true", help="leave out diffusers' UNet")
     parser.add_argument("--compile", action="store_true",
                         help="also the NestedUNet and diffusers' NHWC UNet under torch.compile (minutes of compiling)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="also the N operators that take the most time, ms a step per run (torch.profiler)")
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)
@@ -264,6 +307,8 @@ def main():
             for dtype in args.dtypes:
                 for mine in ours:
                     print(f"ratio {mine} vs {name}, {dtype}: {speed[mine, dtype] / speed[name, dtype]:.2f}x")
+    if args.profile:
+        print_operator_table({key: operator_times(run, args.steps) for key, run in runs.items()}, args.profile)
     print(f"peak memory of this process at the end (max RSS): {peak_rss_mib():.0f} MiB")
 
 
