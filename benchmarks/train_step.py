@@ -141,9 +141,10 @@ def channels_last_nested(config) -> NestedUNet:
 
 
 class _Relayout(torch.autograd.Function):
-    """x copied to `layout`, its gradient copied back to x's layout. (A plain .contiguous() hands
-    its gradient back as it came, channels-first, and autograd then sums it with the residual
-    path's channels-last gradient of the same map: a strided add, 34 ms a step in bf16.)"""
+    """x copied to `layout` (channels-first or channels-last), its gradient copied to the other one,
+    the layout x came in. (A plain .contiguous() hands its gradient back as it came, channels-first,
+    and autograd then sums it with the residual path's channels-last gradient of the same map: a
+    strided add, 34 ms a step in bf16.)"""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layout: torch.memory_format) -> torch.Tensor:
