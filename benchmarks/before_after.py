@@ -17,8 +17,11 @@ same network, round by round, so that other jobs on the machine slow both alike:
 
 Each speed is the median over the rounds; the ratios are today's over the earlier code's.
 
-    python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--compile] [--threads N]
-        [--clock wall|cpu]
+--dtypes fp32 leaves bf16 out: on a CPU without native bf16 (no AMX, no AVX512-BF16) autocast runs
+its products 10-20x slower, and `--precision auto` trains and samples in fp32 there.
+
+    python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--compile]
+        [--dtypes fp32 bf16] [--threads N] [--clock wall|cpu]
 """
 import argparse
 import importlib
@@ -110,6 +113,7 @@ def main():
     parser.add_argument("--sample_batch", type=int, default=4, help="images per sampling run (0: no sampling)")
     parser.add_argument("--compile", action="store_true",
                         help="also today's training step under torch.compile (minutes of compiling each)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)
@@ -128,7 +132,7 @@ def main():
         count = {name: sum(p.numel() for p in m.parameters()) / 1e6
                  for name, m in [("issue", new_model), ("preset", preset_model)]}
         runs = {}
-        for dtype in ("fp32", "bf16"):
+        for dtype in args.dtypes:
             runs["train", "issue's preset", "before", dtype] = before_step(before, old_model, args.batch_size, dtype,
                                                                         text_dim)
             runs["train", "issue's preset", "after", dtype] = training_step(new_model, args.batch_size, dtype, text_dim)
@@ -144,7 +148,7 @@ def main():
             runs["sample", "ddim 50", "before", "fp32"] = sampling_run(before.diffusion.sample, old_model.eval(), res,
                                                                        args.sample_batch, text_dim, "fp32",
                                                                        torch.no_grad, num_steps=50, sampler="ddim")
-            for dtype in ("fp32", "bf16"):
+            for dtype in args.dtypes:
                 for what, options in SAMPLING_AFTER.items():
                     runs["sample", what, "after", dtype] = sampling_run(sample, new_model.eval(), res, args.sample_batch,
                                                                         text_dim, dtype, torch.inference_mode, **options)
@@ -163,7 +167,7 @@ def main():
         else:
             print(f"sample {what}, {code:6s} {dtype}: {s / args.sample_batch:6.2f} s/image")
     issue, preset = ("train", "issue's preset"), ("train", "today's preset")
-    for dtype in ("fp32", "bf16"):
+    for dtype in args.dtypes:
         base = per[*issue, "before", dtype]
         print(f"ratio train, issue's preset, after/before, {dtype}: {base / per[*issue, 'after', dtype]:.2f}x")
         print(f"ratio train, today's preset after / issue's preset before, {dtype}: "
@@ -173,13 +177,13 @@ def main():
                   f"{base / per[*issue, 'after+compile', dtype]:.2f}x")
             print(f"ratio train, today's preset after+compile / issue's preset before, {dtype}: "
                   f"{base / per[*preset, 'after+compile', dtype]:.2f}x")
-    for code in ("after", "after+compile")[:1 + args.compile]:
+    for code in ("after", "after+compile")[:(1 + args.compile) * ({"fp32", "bf16"} <= set(args.dtypes))]:
         print(f"ratio train, issue's preset, {code} bf16 / before fp32: "
               f"{per[*issue, 'before', 'fp32'] / per[*issue, code, 'bf16']:.2f}x")
     if args.sample_batch:
         base = per["sample", "ddim 50", "before", "fp32"]
         for what in SAMPLING_AFTER:
-            for dtype in ("fp32", "bf16"):
+            for dtype in args.dtypes:
                 print(f"ratio sample, {what} {dtype} after / ddim 50 fp32 before: "
                       f"{base / per['sample', what, 'after', dtype]:.2f}x")
 
