@@ -17,8 +17,8 @@ same network, round by round, so that other jobs on the machine slow both alike:
 
 Each speed is the median over the rounds; the ratios are today's over the earlier code's.
 
---dtypes fp32 leaves bf16 out: on a CPU without native bf16 (no AMX, no AVX512-BF16) autocast runs
-its products 10-20x slower, and `--precision auto` trains and samples in fp32 there.
+--dtypes fp32 leaves bf16 out: on a CPU without AMX, where `--precision auto` trains and samples in
+fp32, autocast ran the step 15x and 17x slower on the two such CPUs measured.
 
     python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--compile]
         [--dtypes fp32 bf16] [--threads N] [--clock wall|cpu]
@@ -177,9 +177,10 @@ def main():
                   f"{base / per[*issue, 'after+compile', dtype]:.2f}x")
             print(f"ratio train, today's preset after+compile / issue's preset before, {dtype}: "
                   f"{base / per[*preset, 'after+compile', dtype]:.2f}x")
-    for code in ("after", "after+compile")[:(1 + args.compile) * ({"fp32", "bf16"} <= set(args.dtypes))]:
-        print(f"ratio train, issue's preset, {code} bf16 / before fp32: "
-              f"{per[*issue, 'before', 'fp32'] / per[*issue, code, 'bf16']:.2f}x")
+    if {"fp32", "bf16"} <= set(args.dtypes):
+        for code in ("after", "after+compile")[:1 + args.compile]:
+            print(f"ratio train, issue's preset, {code} bf16 / before fp32: "
+                  f"{per[*issue, 'before', 'fp32'] / per[*issue, code, 'bf16']:.2f}x")
     if args.sample_batch:
         base = per["sample", "ddim 50", "before", "fp32"]
         for what in SAMPLING_AFTER:
