@@ -17,8 +17,9 @@ same network, round by round, so that other jobs on the machine slow both alike:
 
 Each speed is the median over the rounds; the ratios are today's over the earlier code's.
 
---dtypes fp32 leaves bf16 out: on a CPU without AMX, where `--precision auto` trains and samples in
-fp32, autocast ran the step 15x and 17x slower on the two such CPUs measured.
+--dtypes fp32 leaves bf16 out: on a CPU without native bf16 (neither AMX nor AVX512-BF16), where
+`--precision auto` trains and samples in fp32, autocast ran the step 15x and 17x slower on the two
+such CPUs measured.
 
     python benchmarks/before_after.py [--before REV] [--rounds 5] [--sample_batch 4] [--compile]
         [--dtypes fp32 bf16] [--threads N] [--clock wall|cpu]

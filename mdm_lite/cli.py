@@ -242,7 +242,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 PRECISION_HELP = ("the network in bf16 (autocast) or fp32; auto: bf16 where the hardware computes it natively "
-                  "(a GPU of compute capability 8+, a CPU with AMX), as training does")
+                  "(a GPU of compute capability 8+, a CPU with AMX or AVX512-BF16), as training does")
 
 
 def _add_sampler_options(command: argparse.ArgumentParser) -> None:

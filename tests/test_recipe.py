@@ -111,9 +111,15 @@ def test_options_of_a_single_run_with_the_default_recipe_exit_2_naming_recipe_no
     assert len(err) == 1 and "--recipe none" in err[0]
 
 
-def test_precision_auto_uses_bf16_exactly_where_the_cpu_has_amx_and_says_why():
+def test_precision_auto_uses_bf16_exactly_where_the_cpu_has_bf16_dot_products_and_says_why(monkeypatch):
     assert choose_precision("fp32", torch.device("cpu")) == (False, "--precision fp32")
     assert choose_precision("bf16", torch.device("cpu"))[0] is True
     bf16, why = choose_precision("auto", torch.device("cpu"))
-    assert bf16 == torch.cpu._is_amx_tile_supported()
-    assert "AMX" in why
+    assert bf16 == (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    assert "AMX" in why or "AVX512-BF16" in why
+    for amx, avx512_bf16, expected in [(True, True, (True, "this CPU has AMX bf16 matrix units")),
+                                       (False, True, (True, "this CPU has AVX512-BF16 dot products")),
+                                       (False, False, (False, "this CPU lacks native bf16 (neither AMX nor AVX512-BF16)"))]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert choose_precision("auto", torch.device("cpu")) == expected
