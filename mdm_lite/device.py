@@ -34,8 +34,8 @@ def choose_precision(precision: str, device: torch.device) -> tuple[bool, str]:
     "auto" picks bf16 where the hardware computes it natively: GPUs of compute capability 8
     (Ampere) or newer (`is_bf16_supported()` also says yes on a T4, where bf16 is emulated and
     slow), and CPUs with bf16 dot products: AMX tiles (Intel Sapphire Rapids and newer; training
-    measured 1.5x faster than fp32) or AVX512-BF16 (AMD Zen 4 and newer, Intel Cooper Lake; 1.18x on
-    a Zen 5). Elsewhere a CPU emulates bf16, 15-17x slower than fp32 where measured, so fp32.
+    measured 1.27-1.5x faster than fp32) or AVX512-BF16 (AMD Zen 4 and newer, Intel Cooper Lake;
+    1.18x on a Zen 5). Elsewhere a CPU emulates bf16, 15-17x slower than fp32 where measured, so fp32.
     Only the network runs in bf16; losses, optimizer and sampler arithmetic stay fp32.
     """
     if precision != "auto":

@@ -117,9 +117,10 @@ def test_precision_auto_uses_bf16_exactly_where_the_cpu_has_bf16_dot_products_an
     bf16, why = choose_precision("auto", torch.device("cpu"))
     assert bf16 == (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     assert "AMX" in why or "AVX512-BF16" in why
+    lacks = "this CPU lacks native bf16 (neither AMX nor AVX512-BF16)"
     for amx, avx512_bf16, expected in [(True, True, (True, "this CPU has AMX bf16 matrix units")),
                                        (False, True, (True, "this CPU has AVX512-BF16 dot products")),
-                                       (False, False, (False, "this CPU lacks native bf16 (neither AMX nor AVX512-BF16)"))]:
+                                       (False, False, (False, lacks))]:
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         assert choose_precision("auto", torch.device("cpu")) == expected
