@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from timing import add_clock_options, round_robin, set_up_clock
+from timing import add_clock_options, add_dtype_option, round_robin, set_up_clock
 from train_step import TEXT_LENGTH, training_step
 
 import mdm_lite
@@ -114,7 +114,7 @@ def main():
     parser.add_argument("--sample_batch", type=int, default=4, help="images per sampling run (0: no sampling)")
     parser.add_argument("--compile", action="store_true",
                         help="also today's training step under torch.compile (minutes of compiling each)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    add_dtype_option(parser)
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)

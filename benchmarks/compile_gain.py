@@ -24,6 +24,7 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
+from timing import add_dtype_option
 from train_step import training_step
 
 from mdm_lite import NestedUNet
@@ -68,7 +69,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    add_dtype_option(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="inductor settings for a third, compiled process per round")

@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from timing import add_clock_options, round_robin, set_up_clock
+from timing import add_clock_options, add_dtype_option, round_robin, set_up_clock
 from train_step import matmul_peak, training_step
 
 from mdm_lite import NestedUNet
@@ -101,7 +101,7 @@ def main():
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds; every call and the step once per round")
     parser.add_argument("--top", type=int, default=12, help="how many of the slowest calls to print per dtype")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    add_dtype_option(parser)
     add_clock_options(parser)
     args = parser.parse_args()
     clock = set_up_clock(args)

@@ -1,4 +1,4 @@
-"""What the timing benchmarks share: their --threads and --clock options, and timing runs round by round."""
+"""What the timing benchmarks share: their --threads, --clock and --dtypes options, and timing runs round by round."""
 import argparse
 import time
 from typing import Callable, Hashable
@@ -9,6 +9,11 @@ import torch
 def add_clock_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock or this process's CPU time")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="fp32 and/or bf16 autocast (fp32 alone on a CPU without native bf16, where it is slow)")
 
 
 def set_up_clock(args: argparse.Namespace) -> Callable[[], float]:

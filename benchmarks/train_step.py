@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from timing import add_clock_options, round_robin, set_up_clock
+from timing import add_clock_options, add_dtype_option, round_robin, set_up_clock
 
 from mdm_lite import DiffusionConfig, NestedUNet, add_noise, multires_loss, velocity
 from mdm_lite.compare import flat_baseline
@@ -235,7 +235,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds; every run once per round")
     parser.add_argument("--steps", type=int, default=2, help="training steps per run and round")
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    add_dtype_option(parser)
     parser.add_argument("--flat", action="store_true", help="also the single-level UNet of the same size")
     parser.add_argument("--shells", nargs="+", type=shell, default=[], metavar="C:N[:P]",
                         help="also the NestedUNet with shells of C channels and N down-path blocks, "
