@@ -1,4 +1,4 @@
-"""What the timing benchmarks share: their --threads, --clock and --dtypes options, and timing runs round by round."""
+"""What the timing benchmarks share: options (--threads, --clock, --dtypes) and timing runs round by round."""
 import argparse
 import time
 from typing import Callable, Hashable
