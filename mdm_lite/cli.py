@@ -3,7 +3,7 @@
 
 ::
 
-    mdm-lite train                                   # the CPU preset on Shapes, 14-18 minutes
+    mdm-lite train                                   # the CPU preset on Shapes, 12-18 minutes
     mdm-lite train --preset colab --dataset flickr30k --output_dir runs/flickr
     mdm-lite sample --checkpoint output/checkpoint_latest --prompts "a red circle" "a blue star"
     mdm-lite prefetch --dataset flickr30k

@@ -18,7 +18,7 @@ against 0.72; README, "Measured").
 
 ::
 
-    mdm-lite train                                    # the progressive recipe, 14-18 min on 2 cores
+    mdm-lite train                                    # the progressive recipe, 12-18 min on 2 cores
     mdm-lite train --max_steps 33000 --lr_decay_steps 3000 --compile --output_dir runs/shapes   # like the shipped model
 
 Each stage is an ordinary training run in its own folder under output_dir; `--resume` continues
